@@ -1,0 +1,60 @@
+"""Counter-based random keep-masks for dropout, identical in Triton and in PyTorch.
+
+A dropout mask is a pure function of (seed, element index): nothing is stored between forward and backward, the
+kernel regenerates the mask where it needs it, and the PyTorch reference reproduces the kernel's exact bits, so
+tests compare dropout paths element for element instead of skipping them.
+
+The hash is Chris Wellons' `lowbias32` (two xorshift-multiply rounds; hash-prospector, 2018), applied to the low
+32 bits of the index mixed with the seed, then to the high 32 bits. An element is kept when the top 24 bits of
+the hash are at least `round(p * 2**24)`, so P(drop) = p to within 2**-24.
+
+The Triton form lives in `rng_triton.py` (imported only when a Triton path runs); both must change together.
+"""
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MUL1 = 0x7FEB352D
+MUL2 = 0x846CA68B
+
+
+def mix32(x):
+    """lowbias32 on uint32 values held in int64 (a tensor or a Python int)."""
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & MASK32  # int64 products wrap, but their low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int) -> int:
+    """The per-seed key both paths mix into every index (31 bits, so Triton passes it as an int32)."""
+    return mix32(int(seed) & MASK32) & 0x7FFFFFFF
+
+
+def drop_threshold(p: float) -> int:
+    """Integer threshold on the hash's top 24 bits: keep iff bits >= threshold."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return round(p * (1 << 24))
+
+
+def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask, True = keep, for the given int64 element indices (any shape)."""
+    offsets = offsets.to(torch.int64)
+    x = mix32((offsets & MASK32) ^ seed_key(seed))
+    x = mix32(x ^ (offsets >> 32))
+    return (x >> 8) >= drop_threshold(p)
+
+
+def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
+    """Keep-mask for a contiguous tensor of `shape`, element index = row-major position."""
+    n = 1
+    for s in shape:
+        n *= s
+    return keep_mask(seed, torch.arange(n, device=device, dtype=torch.int64), p).reshape(shape)
+
+
+def new_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed from torch's RNG, so seeding torch makes dropout reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
