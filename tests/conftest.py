@@ -1,0 +1,35 @@
+"""Test-wide set-up.
+
+Triton reads TRITON_INTERPRET once, when it is first imported, so it is set here before any test module can
+import Triton: without a GPU every Triton kernel runs under the interpreter on CPU tensors.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the repository (real labeled data); tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (it lives beside the repository, not in it)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel tests run on: CUDA when present (compiled kernels), else CPU (Triton interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,78 @@
+"""The building blocks GPT and BERT share: multi-head attention over the kernel, the GELU feed-forward, the KV cache.
+
+The models keep their own projection layers, named as in the Hugging Face checkpoints (GPT-2's fused `c_attn`,
+BERT's separate `query`/`key`/`value`), so checkpoints and LoRA adapters map one to one. What happens between the
+projections is written once, here.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinygraft.kernels.attention import flash_attention
+
+LayerNorm = nn.LayerNorm
+
+# The activations a checkpoint may name (Hugging Face `hidden_act` / `activation_function` values).
+ACTIVATIONS = {
+    "gelu": "none",  # erf form: BERT
+    "gelu_new": "tanh",  # tanh approximation: GPT-2
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+}
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.Tensor:
+    """gelu(x @ W.T + b): the first half of a transformer feed-forward."""
+    return gelu(linear(x), approximate)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    Preallocated as (B, H, max_len, D) per layer; `length` counts the cached positions. Each layer writes its new
+    keys/values at [length, length + T) and attends over [0, length + T); the model advances `length` once per
+    forward, after the last layer.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def multi_head_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_head: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    kv_cache: KVCache | None = None,
+    layer: int = 0,
+) -> torch.Tensor:
+    """(B, T, C) queries, keys, values -> (B, T, C) attention output, heads merged, before the output projection."""
+    B, T, C = q.shape
+    hs = C // n_head
+    q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+    k = k.view(B, T, n_head, hs).transpose(1, 2)
+    v = v.view(B, T, n_head, hs).transpose(1, 2)
+    if kv_cache is not None:
+        k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
+    y = flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(B, T, C)

@@ -1,0 +1,190 @@
+"""GPT-2, written out: read it top to bottom (attention -> MLP -> block -> config -> model -> generation).
+
+The architecture is GPT-2's exactly (Radford et al., 2019): learned absolute positions, pre-LayerNorm blocks, GELU
+with the tanh approximation, one fused qkv projection, biases everywhere, a final LayerNorm, and an LM head tied to
+the token embedding. Module names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...), so a
+checkpoint or a LoRA adapter maps one to one (their Conv1D stores weights transposed; models/hf.py handles that).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinygraft.core.errors import TinygraftError
+from tinygraft.core.layers import KVCache, LayerNorm, linear_gelu, multi_head_attention
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: "GPTConfig", layer: int):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)  # each (B, T, C)
+        p = self.dropout if self.training else 0.0
+        y = multi_head_attention(q, k, v, self.n_head, causal=True, dropout_p=p, kv_cache=kv_cache, layer=self.layer)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: "GPTConfig"):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(linear_gelu(x, self.c_fc, "tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: "GPTConfig", layer: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary; set from the tokenizer when training a new one
+    block_size: int = 1024  # learned positions: the longest sequence the model can read
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768  # head dim = n_embd // n_head, one of 16, 32, 64, 128
+    dropout: float = 0.0  # residual, embedding and attention dropout (0 for pre-training small models)
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise TinygraftError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_embd // self.n_head not in (16, 32, 64, 128):
+            raise TinygraftError(f"head dim n_embd/n_head = {self.n_embd // self.n_head} must be 16, 32, 64 or 128")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head"):
+            if getattr(self, name) < 1:
+                raise TinygraftError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TinygraftError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf, 2017), as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them to the stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C) final hidden states (after ln_f)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise TinygraftError(
+                f"sequence of {start + T} tokens is longer than the model's {self.config.block_size} positions"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+        """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over targets != -100."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        c = self.config
+        p = self.lm_head.weight
+        max_len = max_len or c.block_size
+        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T). temperature 0 is greedy decoding."""
+        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
+        pending = idx  # tokens the model has not read yet
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + pending.shape[1] > self.config.block_size:
+                cache.length = 0  # window full: re-read the last block_size - 1 tokens from scratch
+                pending = idx[:, -(self.config.block_size - 1) :]
+            if cache is None:
+                pending = idx[:, -self.config.block_size :]
+            logits, _ = self(pending, kv_cache=cache)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_id], dim=1)
+            pending = next_id if cache is not None else idx
+        return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):
+    """(B, V) logits -> (B, 1) token ids, with temperature, top-k and nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
