@@ -4,4 +4,14 @@ from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.presets import PRESETS, build_model, family, get_preset
 
-__all__ = ["BERT", "BERTConfig", "BERTForMaskedLM", "GPT", "GPTConfig", "PRESETS", "build_model", "family", "get_preset"]
+__all__ = [
+    "BERT",
+    "BERTConfig",
+    "BERTForMaskedLM",
+    "GPT",
+    "GPTConfig",
+    "PRESETS",
+    "build_model",
+    "family",
+    "get_preset",
+]
