@@ -145,6 +145,10 @@ class TextTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def add_tokens(self, tokens: list[str]) -> int:
+        """Add whole tokens (never split again); returns how many were new. See core.vocab.extend_vocab."""
+        return self._tok.add_tokens(list(tokens))
+
     def encode_for_model(
         self, text: str, pair: str | None = None, max_length: int | None = None
     ) -> tuple[list[int], list[int]]:
@@ -273,3 +277,10 @@ def tokenizer_json_sha256(tokenizer: TextTokenizer) -> str:
     """A stable hash of the tokenizer's full definition (used to key the token cache)."""
     canonical = json.dumps(json.loads(tokenizer.to_json()), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def extend_vocab(model, tokenizer: TextTokenizer, new_tokens: list[str], embedding=None) -> dict[str, int]:
+    """Add domain tokens to a tokenizer and a model; see tinygraft.core.vocab (imported late: vocab imports us)."""
+    from tinygraft.core.vocab import extend_vocab as _extend
+
+    return _extend(model, tokenizer, new_tokens, embedding=embedding)

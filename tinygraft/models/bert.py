@@ -194,6 +194,20 @@ class BERT(nn.Module):
         pooled = self.pooler(x) if self.pooler is not None else x[:, 0]
         return BERTOutput(x, pooled, tuple(states) if states is not None else None)
 
+    # Hugging Face layout (BertModel directories, `bert.` prefix optional); the mapping lives in models/hf.py.
+    @classmethod
+    def from_pretrained(cls, path, new_head: bool = False, dtype: torch.dtype | None = None) -> "BERT":
+        """A missing pooler stays absent (pooled = the [CLS] state) unless new_head=True initialises one."""
+        from tinygraft.models import hf
+
+        model, model.load_report = hf.load_pretrained_model(path, "bert", new_head=new_head, dtype=dtype)
+        return model
+
+    def save_pretrained(self, path, tokenizer=None):
+        from tinygraft.models import hf
+
+        return hf.save_pretrained_model(self, path, tokenizer)
+
 
 class MLMTransform(nn.Module):
     def __init__(self, config: BERTConfig):
@@ -243,5 +257,18 @@ class BERTForMaskedLM(nn.Module):
         logits = self.cls.predictions(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path, new_head: bool = False, dtype: torch.dtype | None = None) -> "BERTForMaskedLM":
+        """A file without the masked-LM head is an error unless new_head=True initialises one."""
+        from tinygraft.models import hf
+
+        model, model.load_report = hf.load_pretrained_model(path, "mlm", new_head=new_head, dtype=dtype)
+        return model
+
+    def save_pretrained(self, path, tokenizer=None):
+        from tinygraft.models import hf
+
+        return hf.save_pretrained_model(self, path, tokenizer)

@@ -136,7 +136,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden_states(idx, kv_cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
@@ -170,6 +170,19 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
             pending = next_id if cache is not None else idx
         return idx
+
+    # Hugging Face layout (GPT2LMHeadModel directories); the name mapping lives in models/hf.py.
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "GPT":
+        from tinygraft.models import hf
+
+        model, model.load_report = hf.load_pretrained_model(path, "gpt", dtype=dtype)
+        return model
+
+    def save_pretrained(self, path, tokenizer=None):
+        from tinygraft.models import hf
+
+        return hf.save_pretrained_model(self, path, tokenizer)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):
