@@ -149,36 +149,56 @@ class TextTokenizer:
         """Add whole tokens (never split again); returns how many were new. See core.vocab.extend_vocab."""
         return self._tok.add_tokens(list(tokens))
 
-    def encode_for_model(
-        self, text: str, pair: str | None = None, max_length: int | None = None
-    ) -> tuple[list[int], list[int]]:
-        """(ids, token_type_ids) as the model sees them.
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids without special tokens and each token's (start, end) character span in `text`.
+
+        Byte-level BPE spans include the leading space a token carries ("Ġword" spans " word").
+        """
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    @property
+    def _bert_template(self) -> bool:
+        return self.cls_id is not None and self.sep_id is not None
+
+    def n_special(self, pair: bool) -> int:
+        """How many template tokens `build_inputs` adds around one text or a pair."""
+        return (3 if pair else 2) if self._bert_template else int(pair)
+
+    def build_inputs(self, a: list[int], b: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token_type_ids): the model's template around already-truncated pieces.
 
         BERT vocabularies (with [CLS] and [SEP]): `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, types 0...0 1...1.
         Others (GPT): the plain ids of a, or `a <eos> b` for a pair (types 0 for a, 1 for `<eos> b`).
+        """
+        if self._bert_template:
+            ids, types = [self.cls_id, *a, self.sep_id], [0] * (len(a) + 2)
+            if b is not None:
+                ids, types = ids + [*b, self.sep_id], types + [1] * (len(b) + 1)
+            return ids, types
+        if b is None:
+            return list(a), [0] * len(a)
+        if self.eos_id is None:
+            raise TinygraftError("this tokenizer has no [SEP] or end-of-text token to join a sentence pair")
+        return [*a, self.eos_id, *b], [0] * len(a) + [1] * (len(b) + 1)
+
+    def encode_for_model(
+        self, text: str, pair: str | None = None, max_length: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(ids, token_type_ids) as the model sees them (template of `build_inputs`).
+
         `max_length` counts the special tokens; a and b are cut like Hugging Face's "longest_first".
         """
         a = self.encode(text)
         b = self.encode(pair) if pair is not None else None
-        bert = self.cls_id is not None and self.sep_id is not None
-        if not bert and b is not None and self.eos_id is None:
+        if b is not None and not self._bert_template and self.eos_id is None:
             raise TinygraftError("this tokenizer has no [SEP] or end-of-text token to join a sentence pair")
-        n_added = (2 + (b is not None)) if bert else int(b is not None)
         if max_length is not None:
+            n_added = self.n_special(pair=b is not None)
             if max_length < n_added:
                 raise TinygraftError(f"max_length={max_length} leaves no room for the text and the special tokens")
             a, b = _truncate_longest_first(a, b, max_length - n_added)
-        if bert:
-            ids, types = [self.cls_id, *a, self.sep_id], [0] * (len(a) + 2)
-            if b is not None:
-                ids += [*b, self.sep_id]
-                types += [1] * (len(b) + 1)
-            return ids, types
-        ids, types = list(a), [0] * len(a)
-        if b is not None:
-            ids += [self.eos_id, *b]
-            types += [1] * (len(b) + 1)
-        return ids, types
+        return self.build_inputs(a, b)
 
     def __repr__(self) -> str:
         return f"TextTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
