@@ -6,5 +6,27 @@ Importing tinygraft never imports Triton (or transformers): the Triton paths imp
 __version__ = "0.1.0"
 
 from tinygraft.core.errors import TinygraftError  # noqa: E402
+from tinygraft.core.lora import (  # noqa: E402
+    LoRALinear,
+    add_lora,
+    lora_state_dict,
+    merge_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from tinygraft.core.lora_io import load_adapter, save_adapter  # noqa: E402
+from tinygraft.kernels.lora import lora_linear  # noqa: E402
 
-__all__ = ["TinygraftError", "__version__"]
+__all__ = [
+    "TinygraftError",
+    "LoRALinear",
+    "add_lora",
+    "load_adapter",
+    "lora_linear",
+    "lora_state_dict",
+    "merge_lora",
+    "save_adapter",
+    "unload_lora",
+    "unmerge_lora",
+    "__version__",
+]

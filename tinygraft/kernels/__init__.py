@@ -5,5 +5,6 @@ Importing this package never imports Triton; a Triton path imports it when it fi
 
 from tinygraft.kernels.attention import flash_attention
 from tinygraft.kernels.backend import backend_for, describe
+from tinygraft.kernels.lora import lora_linear
 
-__all__ = ["flash_attention", "backend_for", "describe"]
+__all__ = ["flash_attention", "lora_linear", "backend_for", "describe"]

@@ -8,7 +8,6 @@ Triton is imported here lazily, only when a Triton path is chosen, so `import ti
 not installed (macOS, Windows) and a user may still set `TRITON_INTERPRET` after importing tinygraft.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -19,9 +18,14 @@ from tinygraft.core.errors import TinygraftError
 BACKENDS = ("triton", "reference")
 
 
-@functools.cache
+_TRITON_FOUND: bool | None = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _TRITON_FOUND  # looked up once; a plain global rather than functools.cache, which Dynamo warns about
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreting() -> bool:
@@ -73,6 +77,10 @@ def upcast_bf16_dots(dtype: torch.dtype) -> bool:
 
     Triton 3.9's interpreter multiplies the raw bit patterns of bf16 operands in `tl.dot`
     (triton-lang/triton#11584); on a GPU the kernel keeps bf16 operands with fp32 accumulation.
+
+    A second interpreter trap rides on the same flag: it casts fp32 -> bf16 by truncation where a GPU rounds to
+    nearest even, doubling bf16 store error; kernels that store bf16 add the rounding bias to the bits first under
+    this flag (see `_cast_out` in lora_triton.py).
     """
     return interpreting() and dtype == torch.bfloat16
 

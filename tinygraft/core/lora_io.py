@@ -1,0 +1,125 @@
+"""LoRA adapters in peft's file layout, so adapters move both ways between tinygraft and `peft`.
+
+    DIR/adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    DIR/adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
+                                    base_model.model.<module path>.lora_B.weight  (out, r)
+
+peft's keys are its module paths inside `PeftModel(base)` (hence the `base_model.model.` prefix) with the adapter
+name dropped. A peft config that asks for something this LoRA does not compute (DoRA, per-layer ranks, trained
+biases, extra full modules, ...) is refused by name rather than loaded into the wrong math.
+"""
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from tinygraft.core.errors import TinygraftError
+from tinygraft.core.lora import (
+    DEFAULT_ADAPTER,
+    _candidates,
+    add_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_settings,
+    lora_state_dict,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# peft config keys whose non-default values change the math; we refuse those rather than compute something else.
+UNSUPPORTED = {
+    "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "lora_bias": False, "use_qalora": False,
+    "target_parameters": None, "trainable_token_indices": None, "exclude_modules": None,
+    "alora_invocation_tokens": None,
+}  # fmt: skip
+
+
+def _compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """peft `target_modules`: the last names of the wrapped paths when they pick out exactly those layers, else the
+    full paths (a list entry matches a path equal to it or ending in "." + it, in peft as here)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    picked = {n for n in _candidates(model) if any(n == leaf or n.endswith("." + leaf) for leaf in leaves)}
+    return leaves if picked == set(paths) else sorted(paths)
+
+
+def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None) -> dict:
+    """The adapter_config.json peft writes for this adapter (the fields it reads; the rest take peft's defaults)."""
+    s = lora_settings(model, adapter_name)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": s["r"],
+        "lora_alpha": int(s["alpha"]) if float(s["alpha"]).is_integer() else s["alpha"],
+        "lora_dropout": s["dropout"],
+        "use_rslora": s["use_rslora"],
+        "target_modules": _compact_targets(model, s["paths"]),
+        "fan_in_fan_out": s["fan_in_fan_out"],
+        "bias": "none",
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+
+
+def save_adapter(model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None):
+    """Write DIR/adapter_config.json and DIR/adapter_model.safetensors (peft's layout) for one adapter."""
+    directory = Path(directory)
+    config = adapter_config(model, adapter_name, base_model_name_or_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(directory) -> dict:
+    """The adapter_config.json in DIR, checked for the LoRA features tinygraft computes."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise TinygraftError(f"no {CONFIG_NAME} in {directory}; an adapter directory holds {CONFIG_NAME} and "
+                             f"{WEIGHTS_NAME}")  # fmt: skip
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TinygraftError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise TinygraftError(f"{path} holds a {config['peft_type']} adapter; tinygraft loads LoRA adapters only")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}, [], False):
+            raise TinygraftError(f"{path} sets {key}={config[key]!r}, which tinygraft's LoRA does not implement")
+    for key in ("r", "target_modules"):
+        if key not in config:
+            raise TinygraftError(f"{path} has no {key!r}")
+    return config
+
+
+def load_adapter(model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTER, freeze_base: bool = True,
+                 fused: bool = True) -> int:  # fmt: skip
+    """Add the adapter in DIR (peft layout, written here or by peft) to `model` and load its weights; returns the
+    trainable parameter count. Layers the model already wraps with `adapter_name` are loaded, not re-added."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TinygraftError(f"no {WEIGHTS_NAME} in {directory} (peft's .bin format is not read: it is a pickle)")
+    state = load_file(str(weights))
+    bad = [k for k in state if not k.startswith(PEFT_PREFIX)]
+    if bad:
+        raise TinygraftError(f"{weights} key {bad[0]!r} does not start with {PEFT_PREFIX!r}; not a peft LoRA file")
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+    has_it = any(adapter_name in layer.settings for _, layer in lora_layers(model))
+    if not has_it:
+        targets = config["target_modules"]
+        add_lora(model, targets if isinstance(targets, str) else list(targets), r=int(config["r"]),
+                 alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
+                 use_rslora=bool(config.get("use_rslora", False)), adapter_name=adapter_name,
+                 freeze_base=freeze_base, fused=fused)  # fmt: skip
+    dtype_of = {k: v.dtype for k, v in lora_state_dict(model, adapter_name).items()}
+    load_lora_state_dict(model, {k: v.to(dtype_of.get(k, v.dtype)) for k, v in state.items()}, adapter_name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
