@@ -10,27 +10,41 @@ q is (B, Hq, T, D); k and v are (B, Hkv, S, D) with Hq a multiple of Hkv (groupe
 reads key/value head h // (Hq // Hkv)). Causal masking is aligned bottom-right, so a decode step with T=1 query
 against a KV cache of S keys sees all S of them. `key_padding_mask` is (B, S) bool, True = keep.
 
-This module holds the public function, its dispatch and the PyTorch reference. The Triton kernel arrives behind the
-same signature (issue: flash attention in Triton); until then every backend runs the reference.
+Backward (what the kernel computes; autograd gives the same through the reference):
+    dV = P^T dO              dP = (dO V^T) * M / (1 - p)          delta = rowsum(dO * O)
+    dS = P_softmax * (dP - delta)                                  dQ = scale dS K,   dK = scale dS^T Q
+with a grouped key/value head's dK and dV summed over the query heads of its group.
+
+This module holds the public function, its dispatch and the PyTorch reference. `backend_for(q, k, v)` picks the
+Triton kernel (attention_triton.py: FlashAttention-2 forward and backward, imported only when it runs) or the
+reference: `attention_reference` with dropout, torch's SDPA without. The Triton kernel takes head dims 16, 32, 64
+and 128 in fp32, fp16 and bf16; any other head dim or dtype runs the reference, unless TINYGRAFT_BACKEND=triton
+insists (an error then). Under autocast q, k and v are cast to the autocast dtype first, as a matmul's would be.
 """
 
 import math
 
 import torch
 
-from tinygraft.kernels import rng
+from tinygraft.core.errors import TinygraftError
+from tinygraft.kernels import backend, rng
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(q, k, v, key_padding_mask):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-d (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise TinygraftError(f"q, k, v must be 4-d (B, H, T, D); got {shapes}")
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k and v must be (B, Hkv, S, D) matching q {tuple(q.shape)}; got {tuple(k.shape)}")
+        raise TinygraftError(f"k and v must be (B, Hkv, S, D) matching q {tuple(q.shape)}; got {tuple(k.shape)}")
     if Hq % k.shape[1]:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+        raise TinygraftError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
-        raise ValueError(f"key_padding_mask must be (B, S) = ({B}, {k.shape[2]}); got {tuple(key_padding_mask.shape)}")
+        got = tuple(key_padding_mask.shape)
+        raise TinygraftError(f"key_padding_mask must be (B, S) = ({B}, {k.shape[2]}); got {got}")
 
 
 def visible_mask(T: int, S: int, causal: bool, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -92,11 +106,35 @@ def _sdpa(q, k, v, causal, key_padding_mask, softmax_scale):
     return out.masked_fill(~seen, 0.0)
 
 
+def _use_triton(q, k, v) -> bool:
+    if backend.backend_for(q, k, v) != "triton":
+        return False
+    if q.shape[-1] in TRITON_HEAD_DIMS and q.dtype in TRITON_DTYPES:
+        return True
+    if backend.forced_backend() == "triton":
+        raise TinygraftError(
+            f"the Triton attention kernel takes head dims {TRITON_HEAD_DIMS} in fp32/fp16/bf16, not "
+            f"{q.shape[-1]} in {q.dtype}; unset TINYGRAFT_BACKEND=triton to run the reference"
+        )
+    return False
+
+
 def flash_attention(q, k, v, causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=0.0, seed=None):
     """Attention as the module docstring defines it. Draws a seed from torch's RNG when dropout needs one."""
     _check(q, k, v, key_padding_mask)
+    if not 0.0 <= dropout_p < 1.0:
+        raise TinygraftError(f"attention dropout_p must be in [0, 1), got {dropout_p}")
+    cast = backend.autocast_dtype(q.device.type)
+    if cast is not None:
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TinygraftError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if dropout_p > 0.0 and seed is None:
         seed = rng.new_seed()
+    if _use_triton(q, k, v):
+        from tinygraft.kernels.attention_triton import flash_attention_triton
+
+        return flash_attention_triton(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p, seed)
     if dropout_p > 0.0:
         return attention_reference(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p, seed)
     return _sdpa(q, k, v, causal, key_padding_mask, softmax_scale)

@@ -1,0 +1,523 @@
+"""Flash attention in Triton: the FlashAttention-2 forward and backward (Dao, 2023, arXiv:2307.08691).
+
+The math (S_len keys, scale = softmax_scale; see attention.py for the masks and the dropout index):
+
+    forward, one block of query rows at a time, key tiles j streamed through SRAM:
+        s = scale * q k_j^T  (masked -> -inf),   m' = max(m, rowmax s),   p = exp(s - m')
+        l = l e^(m - m') + rowsum p,             acc = acc e^(m - m') + (p * keep / (1 - p_drop)) v_j
+        O = acc / l,   LSE = m + log l           only O and LSE are written; the (T x S) scores never are
+    backward, recomputing p = exp(s - LSE) tile by tile:
+        delta = rowsum(dO * O)                   (a preprocess kernel; equals rowsum(dP * P) even with dropout)
+        dV += (P * keep / (1 - p_drop))^T dO      dP = (dO V^T) * keep / (1 - p_drop)
+        dS = P * (dP - delta)                    dQ = scale dS K,   dK = scale dS^T Q
+
+Scores live in base 2 (scale * log2 e folded in, exp2 on the hardware's fast path), so the saved LSE is
+log2-based. A row with no visible key keeps m = -inf and l = 0: its output is 0 and its LSE is stored as +inf,
+which makes every recomputed p of that row exp2(s - inf) = 0 and so its gradients 0, with no NaN anywhere.
+
+Work split: the forward and dQ kernels own a block of query rows of one query head and walk the key tiles; the
+dK/dV kernel owns a block of keys of one key/value head and walks the query tiles of every query head in its
+group, so grouped-query gradients are summed in registers, with no atomics. Each walk is cut in two: the tiles
+every row fully sees run without any mask arithmetic; the causal diagonal and the ragged edge run masked; tiles
+a causal mask hides entirely are never visited.
+
+Launch: autotuned block sizes on CUDA (keyed on head dim, causal, T and S buckets; Hopper-friendly 128 x 64/128
+tiles among them), one small fixed configuration under TRITON_INTERPRET=1. Under the interpreter bf16 tiles are
+upcast to fp32 before tl.dot (triton-lang/triton#11584); on a GPU bf16/fp16 operands feed the tensor cores with
+fp32 accumulation, and fp32 inputs use IEEE or TF32 dots as torch's matmul setting says.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tinygraft.kernels import backend, rng
+from tinygraft.kernels.rng_triton import keep_mask
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _query_block(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """First query row of this program. Causal: the last blocks (the most keys) first, so short ones fill the tail."""
+    if CAUSAL:
+        return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    return tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
+              stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold,
+              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < S, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < S, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    if MASKED:
+        visible = offs_n[None, :] < S
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + off_causal)
+        s = tl.where(visible, s, float("-inf"))
+    if HAS_PAD:
+        keep_key = tl.load(Pad + offs_n, mask=offs_n < S, other=0) != 0
+        s = tl.where(keep_key[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet: avoid -inf - -inf
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        offs = drop_base + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
+        p = tl.where(keep_mask(seed_key, offs, drop_threshold), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Pad,
+              stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+              stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_pb,
+              Hq, GROUPS, T, S, qk_scale, seed_key, drop_threshold, inv_keep, T_BUCKET, S_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = _query_block(BLOCK_M, CAUSAL)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUPS
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    Pad += b.to(tl.int64) * stride_pb
+    drop_base = pid_bh.to(tl.int64) * T * S
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < T, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Keys [0, full) are visible to every row of the block; [full, hi) need the mask; [hi, S) are hidden.
+    off_causal = S - T
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off_causal, 0), S)
+        full = tl.minimum(tl.maximum(start_m + off_causal + 1, 0), S) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key,
+                                  drop_threshold, CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION, BLOCK_N)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key,
+                                  drop_threshold, CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION, BLOCK_N)
+
+    seen = l_i > 0.0
+    out = acc * (inv_keep / tl.where(seen, l_i, 1.0))[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+    o_ptrs = Out + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+@triton.jit
+def _attn_bwd_delta(Out, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od,
+                    stride_dob, stride_doh, stride_dot, stride_dod, Hq, T,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < T
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, keep_key, Q, DO, Lse, Delta, start_m, offs_n, offs_d, drop_base,
+               stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key, drop_threshold,
+               inv_keep, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Transposed tiles (keys x queries) so dK and dV accumulate without transposing P.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m < T
+    # Rows past T load q = dO = 0, LSE = +inf, delta = 0: their p and dS are 0 without a mask.
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=rows[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=rows[:, None], other=0.0)
+    lse = tl.load(Lse + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(Delta + offs_m, mask=rows, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        if CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + off_causal, p_t, 0.0)
+    if HAS_PAD:
+        p_t = tl.where(keep_key[:, None], p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        offs = drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]
+        keep = keep_mask(seed_key, offs, drop_threshold)
+        pd_t = tl.where(keep, p_t * inv_keep, 0.0)
+        dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+    else:
+        pd_t = p_t
+    dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Pad,
+                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                   stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+                   stride_pb, Hq, Hkv, GROUPS, T, S, qk_scale, sm_scale, seed_key, drop_threshold, inv_keep,
+                   T_BUCKET, S_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n[:, None] < S
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=cols, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=cols, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    keep_key = offs_n < S
+    if HAS_PAD:
+        keep_key = tl.load(Pad + b.to(tl.int64) * stride_pb + offs_n, mask=offs_n < S, other=0) != 0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query rows [lo, full) see part of this key block (causal diagonal), rows [full, T) all of it, rows < lo none.
+    off_causal = S - T
+    if CAUSAL:
+        lo = tl.maximum(start_n - off_causal, 0) // BLOCK_M * BLOCK_M
+        full = (tl.maximum(start_n + BLOCK_N - 1 - off_causal, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full = tl.maximum(tl.minimum(full, (T + BLOCK_M - 1) // BLOCK_M * BLOCK_M), lo)
+    else:
+        lo = 0
+        full = 0
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        bh = b * Hq + h
+        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        Lh = Lse + bh.to(tl.int64) * T
+        Dh = Delta + bh.to(tl.int64) * T
+        drop_base = bh.to(tl.int64) * T * S
+        for start_m in range(lo, full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, keep_key, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, drop_base,
+                                stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key,
+                                drop_threshold, inv_keep, CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION,
+                                BLOCK_M)
+        for start_m in range(full, T, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, keep_key, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, drop_base,
+                                stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key,
+                                drop_threshold, inv_keep, CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION,
+                                BLOCK_M)
+
+    DK += b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+    tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=cols)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base,
+             stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
+             CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < S, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < S, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        visible = offs_n[None, :] < S
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + off_causal)
+        p = tl.where(visible, p, 0.0)
+    if HAS_PAD:
+        keep_key = tl.load(Pad + offs_n, mask=offs_n < S, other=0) != 0
+        p = tl.where(keep_key[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        offs = drop_base + offs_m[:, None].to(tl.int64) * S + offs_n[None, :]
+        dp = tl.where(keep_mask(seed_key, offs, drop_threshold), dp * inv_keep, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Pad,
+                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                 stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqt, stride_dqd, stride_pb,
+                 Hq, GROUPS, T, S, qk_scale, sm_scale, seed_key, drop_threshold, inv_keep, T_BUCKET, S_BUCKET,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = _query_block(BLOCK_M, CAUSAL)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUPS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < T
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    Pad += b.to(tl.int64) * stride_pb
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=rows[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=rows[:, None], other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * T + offs_m, mask=rows, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    drop_base = pid_bh.to(tl.int64) * T * S
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    off_causal = S - T
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off_causal, 0), S)
+        full = tl.minimum(tl.maximum(start_m + off_causal + 1, 0), S) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base, stride_ks, stride_kd,
+                      stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
+                      CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION, BLOCK_N)
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base, stride_ks, stride_kd,
+                      stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
+                      CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION, BLOCK_N)
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: block sizes, grids, strides.
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), per head dim (128, or 64 and below). The forward's 128 x 64/128 tiles
+# with 4-8 warps and 2-4 stages are what Hopper's wgmma path likes; the dK/dV kernel holds a key block (BLOCK_N)
+# and streams query blocks (BLOCK_M), the dQ kernel the other way round, as in Triton's fused-attention tutorial.
+# Each was compiled for sm_90 without a GPU (Triton 3.9 and 3.6, ptxas -v, bf16, stride 1 along D as a launch
+# specialises it): all fit 227 KB of shared memory, pipeline their K/V (or Q/dO) loads with cp.async into wgmma,
+# and keep their accumulators in registers (the worst: ~100 bytes of spill in 3.6's causal D = 128 dK/dV). Dropped
+# for spilling hundreds of bytes: the 4-warp 128 x 64 forward and 4-warp 128-key dK/dV at D = 128. Untimed.
+_CONFIGS = {
+    "fwd": {128: _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
+                           (64, 64, 4, 3), (64, 32, 4, 4)]),
+            64: _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2),
+                          (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)])},
+    "dkdv": {128: _configs([(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 4),
+                            (16, 64, 4, 3)]),
+             64: _configs([(32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (16, 128, 4, 3), (32, 64, 4, 3),
+                           (64, 64, 8, 3), (16, 64, 4, 4)])},
+    "dq": {128: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (128, 64, 8, 2), (128, 32, 8, 3),
+                          (64, 64, 4, 3), (64, 32, 4, 4)]),
+           64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 4)])},
+}
+_KEY = ["HEAD_DIM", "CAUSAL", "HAS_PAD", "DROPOUT", "T_BUCKET", "S_BUCKET"]
+# Under the interpreter: small unequal blocks, so the tests walk ragged edges and causal diagonals of both shapes.
+_INTERPRET = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32}, "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+              "dq": {"BLOCK_M": 64, "BLOCK_N": 32}}
+_DELTA_BLOCK_M = 64
+
+_tuned = {}
+
+
+def _kernel(name: str, head_dim: int):
+    """The autotuned kernel on a GPU, the plain one (with the fixed blocks) under the interpreter."""
+    plain = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+    if backend.interpreting():
+        return plain, _INTERPRET[name]
+    dims = 128 if head_dim == 128 else 64
+    if (name, dims) not in _tuned:
+        _tuned[name, dims] = triton.autotune(configs=_CONFIGS[name][dims], key=_KEY)(plain)
+    return _tuned[name, dims], {}
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(n), 16384)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    upcast = backend.upcast_bf16_dots(dtype)
+    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return {"UPCAST": upcast, "DOT_PRECISION": "ieee" if (ieee or upcast) else "tf32"}
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    if dropout_p == 0.0:
+        return 0, 0, 1.0
+    return rng.seed_key(seed), rng.drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _pad_args(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, 0  # never read: HAS_PAD is False
+    pad = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
+    return pad, pad.stride(0)
+
+
+def _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+    pad, stride_pb = _pad_args(key_padding_mask, q)
+    seed_key, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    kernel, blocks = _kernel("fwd", D)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
+
+    kernel[grid](q, k, v, out, lse, pad, *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_pb,
+                 Hq, Hq // Hkv, T, S, softmax_scale * LOG2E, seed_key, threshold, inv_keep, _bucket(T), _bucket(S),
+                 HEAD_DIM=D, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+                 **_dot_flags(q.dtype), **blocks)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q.numel() == 0 or S == 0:  # nothing to launch; an empty side gives zero gradients on the other
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(T, _DELTA_BLOCK_M), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, T, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M)
+    dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, S, D), device=k.device, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, S, D), device=v.device, dtype=v.dtype)
+    pad, stride_pb = _pad_args(key_padding_mask, q)
+    seed_key, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+                 **_dot_flags(q.dtype))
+    qk_scale = softmax_scale * LOG2E
+
+    kernel, blocks = _kernel("dkdv", D)
+    kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, pad, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        *dv.stride(), stride_pb, Hq, Hkv, Hq // Hkv, T, S, qk_scale, softmax_scale, seed_key, threshold, inv_keep,
+        _bucket(T), _bucket(S), **flags, **blocks)
+    kernel, blocks = _kernel("dq", D)
+    kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
+        q, k, v, do, lse, delta, dq, pad, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        stride_pb, Hq, Hq // Hkv, T, S, qk_scale, softmax_scale, seed_key, threshold, inv_keep,
+        _bucket(T), _bucket(S), **flags, **blocks)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (DESIGN.md section 1), autograd through the backward op.
+
+
+@torch.library.custom_op("tinygraft::flash_attention", mutates_args=())
+def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                       causal: bool, softmax_scale: float, dropout_p: float, seed: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, T, D), lse (B, Hq, T) float32, log2-based; +inf on rows with no visible key)."""
+    return _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+
+
+@flash_attention_op.register_fake
+def _(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tinygraft::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                                causal: bool, softmax_scale: float, dropout_p: float, seed: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+
+
+@flash_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.args = (causal, softmax_scale, dropout_p, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_autograd(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward_op(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_attention_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def flash_attention_triton(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p, seed):
+    """The Triton path behind `attention.flash_attention` (inputs already checked, cast and defaulted)."""
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return flash_attention_op(q, k, v, key_padding_mask, bool(causal), float(scale), float(dropout_p),
+                              int(seed) if dropout_p > 0.0 else 0)[0]
