@@ -19,6 +19,8 @@ def keep_mask(key, offsets, threshold):
     offsets = offsets.to(tl.int64)
     lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
     hi = (offsets >> 32).to(tl.uint32)
-    x = _mix32(lo ^ key.to(tl.uint32))
+    # `lo ^ key`, not `key.to(...)`: a launch specializes an int argument equal to 1 into a constexpr, which has no
+    # .to(); uint32 ^ int32 promotes to uint32, and the key is non-negative, so the bits are the same.
+    x = _mix32(lo ^ key)
     x = _mix32(x ^ hi)
     return (x >> 8).to(tl.int32) >= threshold

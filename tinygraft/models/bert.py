@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
-from tinygraft.core.layers import ACTIVATIONS, LayerNorm, gelu, multi_head_attention
+from tinygraft.core.layers import ACTIVATIONS, LayerNorm, linear_gelu, multi_head_attention
 
 
 @dataclass
@@ -112,7 +112,7 @@ class BERTIntermediate(nn.Module):
         self.approximate = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(self.dense(x), self.approximate)
+        return linear_gelu(x, self.dense, self.approximate)
 
 
 class BERTLayer(nn.Module):
@@ -217,7 +217,7 @@ class MLMTransform(nn.Module):
         self.approximate = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(gelu(self.dense(x), self.approximate))
+        return self.LayerNorm(linear_gelu(x, self.dense, self.approximate))
 
 
 class MLMPredictions(nn.Module):

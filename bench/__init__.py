@@ -1,0 +1,1 @@
+"""Benchmarks: one script per op or job (python -m bench.<name>), sharing bench/common.py."""
