@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.kernels.attention import flash_attention
+from tinygraft.kernels.backend import backend_for
 from tinygraft.kernels.bias_gelu import bias_gelu
 
 LayerNorm = nn.LayerNorm
@@ -30,10 +31,11 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
 def linear_gelu(x: torch.Tensor, linear: nn.Module, approximate: str) -> torch.Tensor:
     """gelu(x @ W.T + b): the first half of a transformer feed-forward.
 
-    A plain nn.Linear with a bias runs the matmul alone and the bias add + GELU as one fused kernel (one pass over
-    the (tokens x 4C) activation instead of two); a wrapped layer (LoRA) runs as itself, then GELU.
+    On the Triton path a plain nn.Linear with a bias runs the matmul alone and the bias add + GELU as one fused
+    kernel (one pass over the (tokens x 4C) activation instead of two). Elsewhere (the CPU, where addmm already folds
+    the bias in, or a wrapped LoRA layer) it is the plain composition.
     """
-    if type(linear) is nn.Linear and linear.bias is not None:
+    if type(linear) is nn.Linear and linear.bias is not None and backend_for(x) == "triton":
         return bias_gelu(F.linear(x, linear.weight), linear.bias, approximate)
     return gelu(linear(x), approximate)
 

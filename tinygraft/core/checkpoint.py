@@ -1,0 +1,268 @@
+"""Checkpoint directories: written whole, then renamed, so a crash at any instant leaves a complete one.
+
+Layout (DESIGN.md section 2), under `RUN/checkpoints/`:
+
+    step-00000300/            one directory per saved step, never modified after it is renamed into place
+        model.safetensors     the tensors the method keeps (the whole model for `full`, an adapter for LoRA)
+        optimizer.safetensors every tensor of the optimizer's state, named `state.<param index>.<key>`
+        optimizer.json        the rest of optimizer.state_dict(): param_groups and non-tensor state values
+        trainer_state.json    step, tokens seen, data position, RNG states, schedule, best metric, and the sha256
+                              of every other file (written last: its presence marks the directory complete)
+        config.json           the full resolved config
+        tokenizer.json        the tokenizer
+        ...                   any extra files a method adds (adapter_config.json, ...)
+    latest                    one line naming the newest complete step directory, replaced atomically
+    best                      likewise, for the best value of the tracked metric
+
+A save writes everything into `checkpoints/.tmp-step-*`, fsyncs each file and the directory, renames it to
+`step-*`, fsyncs `checkpoints/`, then swaps the pointer (temp file, fsync, os.replace). Only safetensors and JSON
+are read back: no pickle anywhere.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tinygraft.core.errors import TinygraftError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+REQUIRED = (MODEL_FILE, TRAINER_STATE, CONFIG_FILE)
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------- atomic file writes
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` so a reader sees the old file or the new one, never a mix."""
+    path = Path(path)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------- optimizer <-> safetensors
+def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and the JSON-able rest."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, per_param in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(per_param)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def optimizer_state_bytes(state_dict: dict) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for per_param in state_dict["state"].values()
+        for v in per_param.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- saving
+def save(
+    root: str | Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    trainer_state: dict,
+    config: dict,
+    optimizer: dict | None = None,
+    tokenizer_json: str | None = None,
+    extra_files: dict[str, bytes | str] | None = None,
+    keep: int | None = None,
+    best: bool = False,
+) -> Path:
+    """Write checkpoint `step` under `root` (a run's `checkpoints/`), point `latest` (and `best`) at it, prune.
+
+    `optimizer` is an `optimizer.state_dict()`. `keep` keeps that many newest step directories (plus the one
+    `best` names); None keeps all. Returns the new step directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    files: dict[str, bytes] = {MODEL_FILE: st_save({k: v.detach().contiguous().cpu() for k, v in model.items()})}
+    if optimizer is not None:
+        tensors, meta = optimizer_to_files(optimizer)
+        files[OPTIMIZER_TENSORS] = st_save(tensors)
+        files[OPTIMIZER_JSON] = json.dumps(meta, indent=1).encode()
+    files[CONFIG_FILE] = json.dumps(config, indent=2).encode()
+    if tokenizer_json is not None:
+        files[TOKENIZER_FILE] = tokenizer_json.encode("utf-8")
+    for fname, data in (extra_files or {}).items():
+        files[fname] = data.encode("utf-8") if isinstance(data, str) else data
+    state = dict(trainer_state, step=step, files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+    files[TRAINER_STATE] = json.dumps(state, indent=1).encode()
+
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for fname, data in files.items():  # trainer_state.json last: it names the others
+        _write_synced(tmp / fname, data)
+    _fsync_dir(tmp)
+    final = root / name
+    if final.exists():  # re-saving a step (a resumed run stopped at the same step): replace it whole
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write(root / "latest", name + "\n")
+    if best:
+        atomic_write(root / "best", name + "\n")
+    if keep is not None:
+        prune(root, keep)
+    return final
+
+
+def list_steps(root: str | Path) -> list[int]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def _pointer(root: Path, which: str) -> str | None:
+    path = root / which
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest step directories, never the ones `latest` or `best` name."""
+    root = Path(root)
+    protected = {_pointer(root, "latest"), _pointer(root, "best")}
+    steps = list_steps(root)
+    for step in steps[: max(0, len(steps) - keep)]:
+        if step_dir_name(step) not in protected:
+            shutil.rmtree(root / step_dir_name(step))
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def resolve(path: str | Path, which: str = "latest") -> Path:
+    """The step directory meant by `path`: a step directory, a `checkpoints/` directory, or a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise TinygraftError(f"checkpoint path {str(path)!r} does not exist")
+    if (path / TRAINER_STATE).is_file() or STEP_DIR.match(path.name):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    name = _pointer(root, which)
+    if name is None:
+        raise TinygraftError(f"{str(path)!r} holds no checkpoint (no '{which}' file in {str(root)!r})")
+    target = root / name
+    if not target.is_dir():
+        raise TinygraftError(f"'{which}' in {str(root)!r} names {name!r}, which does not exist")
+    return target
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    trainer_state: dict
+    config: dict
+    optimizer: dict | None  # an optimizer.state_dict(), or None when the checkpoint holds none
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / TOKENIZER_FILE
+        return p if p.is_file() else None
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TinygraftError(f"checkpoint file {str(path)!r} is corrupt (not valid JSON: {e})") from None
+
+
+def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise TinygraftError(f"checkpoint file {str(path)!r} is corrupt or truncated ({e})") from None
+
+
+def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint (every file present and matching its recorded sha256)."""
+    step_dir = resolve(path, which)
+    for fname in REQUIRED:
+        if not (step_dir / fname).is_file():
+            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
+    state = _read_json(step_dir / TRAINER_STATE)
+    blobs = {}
+    for fname, digest in state.get("files", {}).items():
+        fpath = step_dir / fname
+        if not fpath.is_file():
+            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
+        if fname.endswith(".safetensors") and (fname != OPTIMIZER_TENSORS or with_optimizer):
+            blobs[fname] = fpath.read_bytes()
+            data = blobs[fname]
+        elif fname.endswith(".safetensors"):
+            continue
+        else:
+            data = fpath.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise TinygraftError(f"checkpoint file {str(fpath)!r} is corrupt (its sha256 differs from the saved one)")
+    model = _read_tensors(step_dir / MODEL_FILE, blobs.get(MODEL_FILE) or (step_dir / MODEL_FILE).read_bytes())
+    optimizer = None
+    if with_optimizer and (step_dir / OPTIMIZER_JSON).is_file():
+        if OPTIMIZER_TENSORS not in blobs:
+            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {OPTIMIZER_TENSORS} is missing")
+        tensors = _read_tensors(step_dir / OPTIMIZER_TENSORS, blobs[OPTIMIZER_TENSORS])
+        optimizer = optimizer_from_files(tensors, _read_json(step_dir / OPTIMIZER_JSON))
+    return Checkpoint(step_dir, model, state, _read_json(step_dir / CONFIG_FILE), optimizer)

@@ -1,0 +1,120 @@
+"""`tinygraft embed --from PATH`: sentence embeddings of a file (or stdin), as JSONL or a .npy array.
+
+PATH is a pretrained directory (its own pooling: all-MiniLM-L6-v2 says mean, then L2-normalise), `minilm`, or a
+tinygraft run / checkpoint (mean pooling). Input: one text per line (blank lines skipped), or JSONL with a "text"
+field. Output: `out.npy` (float32, N x C), `out.jsonl` (`{"text": ..., "embedding": [...]}` per line), or JSONL on
+stdout when no --output is given.
+"""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinygraft.core.checkpoint import atomic_write
+from tinygraft.core.errors import TinygraftError
+from tinygraft.models import hf
+from tinygraft.models.pretrained import Pooling, load_pretrained, resolve_pretrained, sentence_embeddings
+
+
+def read_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
+    """Lines of a file (or stdin for None / '-'); a .jsonl file gives each object's `text_field`."""
+    if source is None or str(source) == "-":
+        lines, name, jsonl = sys.stdin.read().splitlines(), "stdin", False
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise TinygraftError(f"input file '{path}' does not exist")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise TinygraftError(f"input file '{path}' is not UTF-8 text") from None
+        name, jsonl = str(path), path.suffix == ".jsonl"
+    if not jsonl:
+        texts = [line for line in lines if line.strip()]
+    else:
+        texts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise TinygraftError(f"line {i} of '{name}' is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise TinygraftError(f"line {i} of '{name}' has no string field {text_field!r}")
+            texts.append(row[text_field])
+    if not texts:
+        raise TinygraftError(f"{name} holds no text to embed")
+    return texts
+
+
+def load_encoder(spec: str | Path, device: torch.device):
+    """(model, tokenizer, pooling) from a pretrained directory / 'minilm', or from a tinygraft run or checkpoint."""
+    path = resolve_pretrained(spec)
+    if hf.is_hf_dir(path):
+        pre = load_pretrained(path)
+        return pre.model.to(device), pre.tokenizer, pre.pooling
+    from tinygraft.train.pretrain import load_trained
+
+    trained = load_trained(path, device)
+    model = getattr(trained.model, "backbone", trained.model)  # a fine-tuned TaskModel embeds with its backbone
+    return model, trained.tokenizer, Pooling()
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    """Refuse a bad --output before any work is done."""
+    path = Path(output)
+    if path.suffix not in (".npy", ".jsonl"):
+        raise TinygraftError(f"output '{path}' must end in .npy or .jsonl")
+    if path.exists() and not overwrite:
+        raise TinygraftError(f"output '{path}' already exists; pass --overwrite to replace it")
+    return path
+
+
+def write_embeddings(vectors: torch.Tensor, texts: list[str], output: str | Path | None, overwrite: bool) -> None:
+    array = vectors.float().numpy()
+    if output is None or str(output) == "-":
+        for text, vec in zip(texts, array):
+            sys.stdout.write(json.dumps({"text": text, "embedding": vec.tolist()}) + "\n")
+        return
+    path = check_output(output, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, array)
+        atomic_write(path, buf.getvalue())
+    else:
+        atomic_write(
+            path, "".join(json.dumps({"text": t, "embedding": v.tolist()}) + "\n" for t, v in zip(texts, array))
+        )
+
+
+def embed_command(args) -> int:
+    """CLI: args.from_ (or getattr(args, "from")), args.input, args.output, args.normalize (True / False / None =
+    the checkpoint's own choice), optional args.batch_size, args.device, args.overwrite."""
+    from tinygraft.train.loop import resolve_device
+
+    spec = getattr(args, "from_", None) or getattr(args, "from", None)
+    if spec is None:
+        raise TinygraftError("embed needs --from PATH (a pretrained directory, 'minilm', or a run)")
+    output, overwrite = getattr(args, "output", None), getattr(args, "overwrite", False)
+    if output not in (None, "-"):
+        check_output(output, overwrite)
+    texts = read_texts(getattr(args, "input", None))
+    model, tokenizer, pooling = load_encoder(spec, resolve_device(getattr(args, "device", None) or "auto"))
+    vectors = sentence_embeddings(
+        model,
+        tokenizer,
+        texts,
+        pooling,
+        normalize=getattr(args, "normalize", None),
+        batch_size=getattr(args, "batch_size", None) or 32,
+    )
+    write_embeddings(vectors, texts, output, overwrite)
+    if output not in (None, "-"):
+        print(f"wrote {len(texts)} embeddings of size {vectors.shape[1]} to {output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,378 @@
+"""The training loop: the one every job (pre-training, fine-tuning, LoRA, distillation) runs.
+
+One optimizer step, top to bottom:
+
+    method.apply_schedule(model, step)       # which parameters train now (gradual unfreezing, ...)
+    lr = schedule(step); set it per group     # warmup + cosine/linear to a floor; group lr = lr * lr_scale
+    for each of grad_accum micro-batches:
+        batch = batcher.next()
+        loss = job.loss_fn(model, batch)      # under bf16 autocast on CUDA, fp32 on CPU
+        (loss / grad_accum).backward()
+    clip the global grad norm; optimizer.step(); zero the grads
+    every log_every steps: a train row in metrics.jsonl; every eval_every steps (and the last): evaluate, checkpoint
+
+What changes between jobs is in `Job` (the model, its batcher, loss and evaluation) and in the `Method`
+(train/methods.py); nothing here knows which model or task it trains.
+
+Exact resume: a checkpoint stores the weights, the optimizer state, the batcher's position and the python / numpy /
+torch RNG states at a step boundary, and evaluation runs with the RNG states saved and restored, so a run stopped at
+step K and resumed draws exactly the batches, dropout masks and learning rates an uninterrupted run would.
+"""
+
+import contextlib
+import math
+import random
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinygraft.core import checkpoint
+from tinygraft.core.errors import TinygraftError
+from tinygraft.train.config import TrainConfig
+from tinygraft.train.methods import Method
+from tinygraft.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from tinygraft.train.plots import plot_metrics
+from tinygraft.train.progress import Progress
+from tinygraft.train.run_dir import PLOT, RunDir
+
+
+@dataclass
+class Job:
+    """What the loop trains: everything task-specific, behind five small callables and objects."""
+
+    model: nn.Module
+    method: Method
+    batcher: Any  # .next() -> batch, .state_dict(), .load_state_dict(d)
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]  # mean loss of a batch (already on the device)
+    evaluate: Callable[[nn.Module], dict[str, float]]  # validation metrics, "loss" among them; runs under no_grad
+    count_tokens: Callable[[Any], int]  # tokens in a batch, for tokens/s
+    config: dict  # the full resolved config, saved in every checkpoint
+    task: str = "pretrain"
+    metric: str = "loss"  # the tracked validation metric (the `best` pointer)
+    higher_is_better: bool = False
+    keep_best: bool = False  # results.json reports the best checkpoint (fine-tuning) or the final one
+    tokenizer_json: str | None = None
+    extra_results: dict = field(default_factory=dict)  # job-specific entries for results.json
+    extra_state: dict = field(default_factory=dict)  # job-specific entries for trainer_state.json
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed", "stopped" (--stop-at) or "interrupted" (Ctrl-C)
+    step: int
+    results: dict
+
+
+# ------------------------------------------------------------------------------------------------ RNG and batches
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]],
+        "torch": torch.get_rng_state().numpy().tobytes().hex(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in state["cuda"]])
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Evaluation must not move the training RNG streams (it runs at steps a resumed run may not repeat)."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def jsonable(value):
+    """Batcher states hold numpy scalars and arrays; trainer_state.json wants plain JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C handling
+class StopRequest:
+    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second Ctrl-C: abort at once."""
+
+    def __init__(self, progress: Progress):
+        self.requested = False
+        self.progress = progress
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.progress.write("interrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TinygraftError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TinygraftError(f"--device {name!r} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    job: Job,
+    cfg: TrainConfig,
+    run: RunDir,
+    *,
+    resume: checkpoint.Checkpoint | None = None,
+    stop_at: int | None = None,
+    progress: Progress | None = None,
+) -> Outcome:
+    device = resolve_device(cfg.device)
+    model = job.method.attach(job.model).to(device)
+    groups = job.method.param_groups(model)
+    listed = {id(p) for g in groups for p in g["params"]}
+    for p in model.parameters():  # a parameter no group lists can never train
+        if id(p) not in listed:
+            p.requires_grad_(False)
+    optimizer = build_optimizer(
+        param_groups(model, groups, cfg.weight_decay), cfg.optimizer, device, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps
+    )
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    best = {"metric": job.metric, "value": None, "step": None}
+    if resume is not None:
+        job.method.load_state_dict(model, {k: v.to(device) for k, v in resume.model.items()})
+        if resume.optimizer is None:
+            raise TinygraftError(f"checkpoint {str(resume.path)!r} holds no optimizer state, so it cannot be resumed")
+        optimizer.load_state_dict(resume.optimizer)
+        state = resume.trainer_state
+        step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
+        best = state.get("best", best)
+        job.batcher.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        run.truncate_metrics(step)
+        if step >= cfg.steps:
+            raise TinygraftError(f"the run in {str(run.path)!r} already finished its {cfg.steps} steps; nothing to do")
+        if stop_at is not None and stop_at <= step:
+            raise TinygraftError(f"--stop-at {stop_at} is not after the checkpoint's step {step}; nothing to do")
+    step_model = torch.compile(model) if cfg.compile else model
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
+    schedule = dict(
+        lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule
+    )
+    last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    progress = progress or Progress(total=cfg.steps, initial=step)
+    last_val: dict = {}
+
+    def evaluate() -> dict:
+        model.eval()
+        with rng_preserved(), torch.no_grad(), autocast():
+            metrics = {k: float(v) for k, v in job.evaluate(step_model).items()}
+        model.train()
+        return metrics
+
+    saved_step = step
+
+    def save(is_best: bool) -> None:
+        nonlocal saved_step
+        saved_step = step
+        state = {
+            "tokens_seen": tokens_seen,
+            "train_seconds": elapsed_before + (time.perf_counter() - t_start),
+            "data": jsonable(job.batcher.state_dict()),
+            "rng": rng_state(),
+            "schedule": schedule,
+            "best": best,
+            **job.extra_state,
+        }
+        checkpoint.save(
+            run.checkpoints,
+            step,
+            model=job.method.state_dict(model),
+            optimizer=optimizer.state_dict(),
+            trainer_state=state,
+            config=job.config,
+            tokenizer_json=job.tokenizer_json,
+            extra_files=job.method.extra_files(model),
+            keep=cfg.keep,
+            best=is_best,
+        )
+
+    model.train()
+    t_start = t_window = time.perf_counter()
+    window_loss, window_steps, window_tokens = 0.0, 0, 0
+    status = "completed"
+    with StopRequest(progress) as stop:
+        while step < last:
+            if stop.requested:
+                status = "interrupted"
+                break
+            job.method.apply_schedule(model, step)
+            lr = lr_at(step, **schedule)
+            set_lr(optimizer, lr)
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = to_device(job.batcher.next(), device)
+                with autocast():
+                    loss = job.loss_fn(step_model, batch)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TinygraftError(
+                        f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
+                        f"{_latest_name(run)} (try a lower train.lr)"
+                    )
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss_value / cfg.grad_accum
+                step_tokens += job.count_tokens(batch)
+            trainable = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)) if trainable else 0.0
+            if not math.isfinite(grad_norm):
+                raise TinygraftError(
+                    f"the gradient norm became {grad_norm} at step {step + 1}; the last good checkpoint is "
+                    f"{_latest_name(run)} (try a lower train.lr)"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            window_loss, window_steps, window_tokens = (window_loss + step_loss, window_steps + 1,
+                                                       window_tokens + step_tokens)
+
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - t_window, 1e-9)
+            progress.update(step, step_loss, lr, tokens_per_s)
+            if step % cfg.log_every == 0 or step == last:
+                run.log(
+                    dict(
+                        step=step, split="train", loss=window_loss / window_steps, lr=lr, tokens_per_s=tokens_per_s,
+                        grad_norm=grad_norm, elapsed_s=elapsed_before + now - t_start,
+                    )
+                )
+                t_window, window_loss, window_steps, window_tokens = now, 0.0, 0, 0
+            if step % cfg.eval_every == 0 or step == last:
+                last_val = evaluate()
+                if not math.isfinite(last_val.get("loss", 0.0)):
+                    raise TinygraftError(
+                        f"the validation loss became {last_val['loss']} at step {step}; the last good checkpoint is "
+                        f"{_latest_name(run)} (try a lower train.lr)"
+                    )
+                elapsed = elapsed_before + time.perf_counter() - t_start
+                run.log(dict(step=step, split="val", **last_val, elapsed_s=elapsed))
+                value = last_val.get(job.metric)
+                improved = value is not None and (
+                    best["value"] is None or (value > best["value"] if job.higher_is_better else value < best["value"])
+                )
+                if improved:
+                    best = {"metric": job.metric, "value": value, "step": step, "metrics": dict(last_val)}
+                shown = " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+                progress.write(f"step {step}/{cfg.steps}: val {shown}")
+                save(is_best=improved)
+        if status == "interrupted" and step > saved_step:
+            save(is_best=False)
+    progress.close()
+    if status == "completed" and step < cfg.steps:
+        status = "stopped"
+
+    train_seconds = elapsed_before + time.perf_counter() - t_start
+    results = {
+        "task": job.task,
+        "method": job.method.name,
+        "metric": job.metric,
+        "metrics": best.get("metrics", {}) if job.keep_best else last_val,
+        "kept": "best" if job.keep_best else "final",
+        "best_step": best["step"],
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 else 0.0,
+        "trainable_params": sum(p.numel() for p in _unique(model.parameters()) if p.requires_grad),
+        "total_params": sum(p.numel() for p in _unique(model.parameters())),
+        "optimizer_state_mb": checkpoint.optimizer_state_bytes(optimizer.state_dict()) / 2**20,
+        "peak_memory_mb": peak_memory_mb(device),
+        "status": status,
+        "step": step,
+        "steps": cfg.steps,
+        "tokens_seen": tokens_seen,
+        **job.extra_results,
+    }
+    run.write_results(results)
+    rows = run.metrics()
+    if rows:
+        plot_metrics(rows, run.path / PLOT, job.metric)
+    return Outcome(status, step, results)
+
+
+def _unique(params):
+    seen = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def _latest_name(run: RunDir) -> str:
+    pointer = run.checkpoints / "latest"
+    return repr(str(run.checkpoints / pointer.read_text().strip())) if pointer.is_file() else "none (none was saved)"
+

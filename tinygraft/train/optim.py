@@ -1,0 +1,92 @@
+"""AdamW parameter groups and learning-rate schedules.
+
+Decoupled weight decay (Loshchilov & Hutter, 2019) shrinks weight matrices only: biases, norm gains and
+embedding tables are excluded (as in GPT-2/nanoGPT and BERT), because decaying them pulls features towards
+zero without regularizing anything useful.
+
+A method hands the loop its groups as `{"params": [...], "lr_scale": s, "name": ...}`; `param_groups` splits
+each into a decayed and a non-decayed half. The schedule gives the base learning rate of a step; every group
+runs at `base * lr_scale` (discriminative learning rates are `lr_scale` < 1 on lower layers).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from tinygraft.core.errors import TinygraftError
+
+
+def no_decay_ids(model: nn.Module) -> set[int]:
+    """ids of parameters that get no weight decay: 1-d tensors (biases, norm gains) and embedding tables."""
+    ids = {id(p) for p in model.parameters() if p.ndim < 2}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            ids.add(id(module.weight))
+    return ids
+
+
+def param_groups(model: nn.Module, groups: list[dict], weight_decay: float) -> list[dict]:
+    """Split each method group into decay / no-decay halves; parameters shared by two names appear once."""
+    skip = no_decay_ids(model)
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        decay = [p for p in params if id(p) not in skip]
+        plain = [p for p in params if id(p) in skip]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        extra.setdefault("lr_scale", 1.0)
+        name = extra.pop("name", "group")
+        if decay:
+            out.append({"params": decay, "weight_decay": weight_decay, "name": f"{name}/decay", **extra})
+        if plain:
+            out.append({"params": plain, "weight_decay": 0.0, "name": f"{name}/no_decay", **extra})
+    return out
+
+
+def fused_adamw_class():
+    """tinygraft's fused AdamW (Triton) when it is importable, else None."""
+    try:
+        from tinygraft.kernels.adamw import FusedAdamW
+    except ImportError:
+        return None
+    return FusedAdamW
+
+
+def build_optimizer(groups: list[dict], choice: str, device: torch.device, lr: float, betas, eps: float):
+    """`choice`: 'torch' (torch.optim.AdamW), 'fused' (ours), or 'auto' (ours on CUDA when present, else torch).
+
+    Both keep the same state_dict format, so a checkpoint written by one loads into the other.
+    """
+    fused = fused_adamw_class()
+    if choice == "fused" and fused is None:
+        raise TinygraftError("train.optimizer='fused' needs tinygraft.kernels.adamw, which is not available")
+    if choice == "fused" or (choice == "auto" and fused is not None and device.type == "cuda"):
+        return fused(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float, schedule: str) -> float:
+    """Base learning rate for optimizer step `step` (0-based): linear warmup, then cosine or linear to the floor."""
+    floor = lr * min_lr_ratio
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return lr - (lr - floor) * progress
+    raise TinygraftError(f"unknown schedule {schedule!r}; use cosine, linear or constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,52 @@
+"""`tinygraft sample`: text from a trained GPT checkpoint (temperature, top-k, top-p, seed, KV cache)."""
+
+import torch
+
+from tinygraft.core.errors import TinygraftError
+from tinygraft.models.presets import family
+from tinygraft.train.loop import resolve_device
+from tinygraft.train.pretrain import load_trained
+
+
+def sample(
+    path: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    use_cache: bool = True,
+    device: str = "auto",
+    which: str = "latest",
+) -> list[str]:
+    if max_new_tokens < 1 or num_samples < 1:
+        raise TinygraftError("--tokens and --num-samples must be at least 1")
+    if temperature < 0:
+        raise TinygraftError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise TinygraftError(f"--top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise TinygraftError(f"--top-p must be in (0, 1], got {top_p}")
+    dev = resolve_device(device)
+    trained = load_trained(path, dev, which)
+    if family(trained.model_cfg) != "gpt":
+        raise TinygraftError(
+            f"sample needs a GPT checkpoint; {str(trained.ckpt.path)!r} holds a {trained.run.preset} (BERT) model, "
+            "try `tinygraft eval` instead"
+        )
+    tok = trained.tokenizer
+    ids = tok.encode(prompt) if prompt else []
+    if not ids:  # an empty prompt starts a new document
+        if tok.eos_id is None:
+            raise TinygraftError("give a --prompt: this tokenizer has no end-of-text token to start from")
+        ids = [tok.eos_id]
+    if len(ids) >= trained.model_cfg.block_size:
+        ids = ids[-(trained.model_cfg.block_size - 1) :]
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    out = trained.model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache=use_cache)
+    # The prompt as typed, then the new tokens (an empty prompt's start token is not shown).
+    return [prompt + tok.decode(row[idx.shape[1] :].tolist()) for row in out.cpu()]
+
