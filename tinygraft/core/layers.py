@@ -24,6 +24,27 @@ ACTIVATIONS = {
 }
 
 
+def init_weights(module: nn.Module, std: float = 0.02):
+    """GPT-2's and BERT's initialisation: N(0, std) weights, zero biases, zero padding embedding, unit LayerNorm.
+
+    Use as `model.apply(init_weights)`.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return F.gelu(x, approximate=approximate)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
-from tinygraft.core.layers import ACTIVATIONS, LayerNorm, linear_gelu, multi_head_attention
+from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention
 
 
 @dataclass
@@ -148,22 +148,6 @@ class BERTOutput(NamedTuple):
     hidden_states: tuple[torch.Tensor, ...] | None  # embeddings output + each layer's, when asked for
 
 
-def init_bert_weights(module: nn.Module):
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, zero padding embedding, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class BERT(nn.Module):
     """The encoder with its pooler, as Hugging Face's `BertModel`."""
 
@@ -173,7 +157,7 @@ class BERT(nn.Module):
         self.embeddings = BERTEmbeddings(config)
         self.encoder = BERTEncoder(config)
         self.pooler = BERTPooler(config) if add_pooler else None
-        self.apply(init_bert_weights)
+        self.apply(init_weights)
 
     def forward(
         self,
@@ -245,7 +229,7 @@ class BERTForMaskedLM(nn.Module):
         self.config = config
         self.bert = BERT(config, add_pooler=False)
         self.cls = MLMHead(config)
-        self.cls.apply(init_bert_weights)
+        self.cls.apply(init_weights)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def num_params(self) -> int:

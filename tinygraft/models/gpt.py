@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
-from tinygraft.core.layers import KVCache, LayerNorm, linear_gelu, multi_head_attention
+from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,20 +96,11 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf, 2017), as GPT-2
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them to the stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once

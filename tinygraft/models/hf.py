@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
-from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM, init_bert_weights
+from tinygraft.core.layers import init_weights
+from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.hf_config import CONFIG, config_from_hf, config_to_hf, family_of, read_config  # noqa: F401
 
@@ -241,7 +242,7 @@ def load_pretrained_model(
             t = tensors[name]
             own[ours].copy_(t.t() if CONV1D.search(ours) else t)
     if "masked-LM head" in report.new_heads:
-        model.cls.apply(init_bert_weights)  # the decoder is tied: re-initialising it would touch the embeddings
+        model.cls.apply(init_weights)  # the decoder is tied: re-initialising it would touch the embeddings
         model.cls.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
     if dtype is not None:
         model = model.to(dtype)
