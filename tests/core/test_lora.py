@@ -292,3 +292,16 @@ def test_compiled_model_keeps_the_fused_op_in_one_graph(monkeypatch):
     torch.testing.assert_close(y, y_eager)
     for g, g_eager in zip(grads, grads_eager):
         torch.testing.assert_close(g, g_eager)
+
+
+def test_all_linear_leaves_our_tied_output_heads_alone():
+    """Adapting a decoder tied to the input embeddings would change the embeddings too when merged."""
+    from tinygraft.core.lora import add_lora, lora_layers
+    from tinygraft.models import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
+
+    bert = BERTForMaskedLM(BERTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, intermediate_size=40))
+    gpt = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32))
+    for model, head in ((bert, "cls.predictions.decoder"), (gpt, "lm_head")):
+        add_lora(model, "all-linear", r=2, alpha=4)
+        wrapped = {name for name, _ in lora_layers(model)}
+        assert head not in wrapped and len(wrapped) > 0

@@ -235,6 +235,10 @@ class BERTForMaskedLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The decoder tied to the word embeddings: LoRA's "all-linear" leaves it alone, as peft does."""
+        return self.cls.predictions.decoder
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         """Logits (B, T, vocab) and, given labels (B, T), the mean cross-entropy over labels != -100."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state

@@ -102,6 +102,10 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head tied to the token embeddings: LoRA's "all-linear" leaves it alone, as peft does."""
+        return self.lm_head
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
