@@ -1,4 +1,15 @@
-"""The `tinygraft` command: pretrain, sample, eval, info, embed, export.
+"""The `tinygraft` command: pretrain, finetune, predict, compare, sample, eval, info, embed, export.
+
+    pretrain   pre-train a GPT (causal LM) or BERT (masked LM) preset, or continue one `--from` a pretrained
+               directory or run; `--method lora` trains adapters only
+    finetune   a pretrained model + a task head on labeled data (full, linear-probe, top-k, gradual-unfreeze, lora)
+    predict    a fine-tuned run's predictions on a file or stdin
+    compare    several fine-tuning methods on one task: the transfer-learning table
+    sample     text from a GPT checkpoint
+    eval       validation loss and perplexity of a checkpoint
+    info       what a run, a checkpoint, a Hugging Face directory or `minilm` holds
+    embed      sentence embeddings from a pretrained model or a run
+    export     a run in the Hugging Face layout (LoRA merged), or a LoRA run's adapter in peft's layout
 
 Every bad input becomes a `TinygraftError`, printed as `error: <one sentence>` with exit code 2 and no traceback;
 any other exception is a bug and keeps its traceback. Ctrl-C during training saves a checkpoint and exits 130.
@@ -9,18 +20,21 @@ import json
 import sys
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.train.lora_cli import add_lora_arguments
 
 INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
 
 
 def cmd_pretrain(args) -> int:
+    from tinygraft.train.lora_cli import lora_settings_from_args
     from tinygraft.train.pretrain import PretrainArgs, pretrain
 
     outcome = pretrain(
         PretrainArgs(
             out=args.out, preset=args.preset, config=args.config, data=args.data, steps=args.steps,
             stop_at=args.stop_at, resume=args.resume, overwrite=args.overwrite, device=args.device, seed=args.seed,
-            keep=args.keep, sets=args.set,
+            keep=args.keep, sets=args.set, from_=args.from_, new_head=args.new_head, method=args.method,
+            lora=lora_settings_from_args(args),
         )
     )
     if outcome.status == "interrupted":
@@ -99,10 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the model init, data order and dropout")
     p.add_argument("--keep", type=int, help="step checkpoints to keep")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-3 (repeatable)")
-    p.set_defaults(func=cmd_pretrain)
+    p.add_argument("--from", dest="from_", metavar="PATH",
+                   help="continue from these weights and tokenizer: a Hugging Face directory, 'minilm', or a run")
+    p.add_argument("--new-head", action="store_true",
+                   help="with --from a BERT that has no masked-LM head (MiniLM): start one from a fresh init")
+    p.add_argument("--method", help="full (default: every weight trains) or lora (adapters over a frozen base)")
+    add_lora_arguments(p)
+    # None = not given: a new run takes lora_cli's defaults, --resume keeps the checkpoint's settings.
+    p.set_defaults(func=cmd_pretrain, lora_r=None, lora_alpha=None, lora_dropout=None, lora_targets=None,
+                   lora_rslora=None)  # fmt: skip
 
-    def checkpoint_args(p):
-        p.add_argument("run", help="a run directory, its checkpoints/ directory, or one step directory")
+    def checkpoint_args(p, what="a run directory, its checkpoints/ directory, or one step directory"):
+        p.add_argument("run", help=what)
         p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which pointer to follow")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -124,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, help="at most this many batches")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("info", help="config, size, progress, losses and backend of a run or checkpoint")
-    checkpoint_args(p)
+    p = sub.add_parser("info", help="what a run, checkpoint, Hugging Face directory or 'minilm' holds")
+    checkpoint_args(p, "a run, its checkpoints/ or a step directory, a Hugging Face directory, or 'minilm'")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -139,12 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("export", help="a run's kept checkpoint in the Hugging Face layout")
+    p = sub.add_parser("export", help="a run's kept checkpoint in the Hugging Face layout, or a LoRA run's adapter")
     p.add_argument("run", help="a run directory")
-    p.add_argument("--to", required=True, help="the directory to write")
+    p.add_argument("--to", help="write the model here in the Hugging Face layout (a LoRA run: adapter merged)")
+    p.add_argument("--merged", action="store_true", help="with --to: insist the run is a LoRA run and merge it")
+    p.add_argument("--adapter", metavar="DIR", help="write a LoRA run's adapter here in peft's layout")
     p.add_argument("--checkpoint", choices=("latest", "best"), default=None, help="default: what results.json kept")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from tinygraft.train.finetune_cli import add_finetune_commands
+
+    add_finetune_commands(sub)
     return parser
 
 

@@ -2,6 +2,9 @@
 
 A run's `config.json` is `RunConfig` plus its model config under "model"; `--set section.key=value` reaches any
 field (`--set train.lr=3e-4`, `--set model.n_layer=2`, `--set data.vocab_size=2048`).
+
+A run started `--from` a pretrained directory or another run records that source (an absolute path) in `source`;
+its model settings are the source's, and only the settings in `FROM_TUNABLE` may differ from them.
 """
 
 from dataclasses import dataclass, field
@@ -61,7 +64,10 @@ class DataConfig:
 class RunConfig:
     task: str = "pretrain"
     preset: str = "gpt-tiny"  # a name from tinygraft.models.presets.PRESETS (--preset)
-    method: str = "full"
+    method: str = "full"  # full or lora (--method)
+    source: str | None = None  # --from: the pretrained directory or tinygraft run the weights came from
+    new_head: bool = False  # --new-head: the source (a BERT without a masked-LM head) got a fresh one
+    method_settings: dict = field(default_factory=dict)  # the method's describe(): LoRA's r, alpha, targets, base
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -105,6 +111,20 @@ PRESET_DEFAULTS: dict[str, dict] = {
         "data": {"vocab_size": 30522},
     },
 }
+
+
+# Model settings a run `--from` a checkpoint may change: they alter no weight's shape or meaning.
+FROM_TUNABLE = {"dropout", "attention_dropout"}
+# Training defaults of a run `--from` pretrained weights (under --config / flags / --set): a continued pre-training
+# rate, not a from-scratch one, and a higher one for LoRA's freshly initialised adapters (as the LoRA paper does).
+FROM_LR = {"full": 1e-4, "lora": 1e-3}
+
+
+def requested(key: str, file: dict | None, flags: dict, sets: list[str] | None):
+    """A top-level setting ("preset", "method") as the user gave it -- --set key=, a flag, or the --config file --
+    in resolve()'s priority; None when not given."""
+    named = [s.split("=", 1)[1].strip() for s in sets or [] if s.split("=", 1)[0].strip() == key]
+    return named[0] if named else flags.get(key) if flags.get(key) is not None else (file or {}).get(key)
 
 
 def merge(base: dict, top: dict) -> dict:

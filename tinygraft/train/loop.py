@@ -62,11 +62,12 @@ class Job:
     tokenizer_json: str | None = None
     extra_results: dict = field(default_factory=dict)  # job-specific entries for results.json
     extra_state: dict = field(default_factory=dict)  # job-specific entries for trainer_state.json
+    should_stop: Callable[[int, dict], bool] | None = None  # early stopping: (step, best) after each evaluation
 
 
 @dataclass
 class Outcome:
-    status: str  # "completed", "stopped" (--stop-at) or "interrupted" (Ctrl-C)
+    status: str  # "completed", "stopped" (--stop-at), "early-stopped" (Job.should_stop) or "interrupted" (Ctrl-C)
     step: int
     results: dict
 
@@ -331,6 +332,9 @@ def train(
                 shown = " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
                 progress.write(f"step {step}/{cfg.steps}: val {shown}")
                 save(is_best=improved)
+                if job.should_stop is not None and job.should_stop(step, best):
+                    status = "early-stopped"
+                    break
         if status == "interrupted" and step > saved_step:
             save(is_best=False)
     progress.close()

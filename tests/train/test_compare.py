@@ -1,0 +1,82 @@
+"""`tinygraft compare` on a tiny pretrained BERT: one process per method and seed, the same data and steps, each
+method at its own learning rate, the table / JSON / chart, reuse of finished runs, and bad input."""
+
+import json
+
+import pytest
+
+from tests.train.finetune_fixtures import make_bert_dir, make_data
+from tinygraft.train.compare import mean_std, parse_lr_for, to_argv
+from tinygraft.train.finetune import FinetuneArgs
+from tinygraft.train.finetune_cli import main
+from tinygraft.train.finetune_methods import DEFAULT_LR
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    data = make_data(root)
+    texts = [ln.split("\t")[0] for ln in data["train"].read_text().splitlines()[1:]]
+    return {"bert": make_bert_dir(root, texts * 3), **data}
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def base(env, out):
+    return ["compare", "--from", env["bert"], "--train", env["train"], "--val", env["val"], "--out", out, "--steps", 2,
+            "--batch-size", 8, "--max-length", 32, "--threads", 1]  # fmt: skip
+
+
+def test_compare_table_json_chart_and_reuse(env, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, o, err = run([*base(env, out), "--methods", "full,linear-probe,top-1", "--seeds", "0", "--lr-for",
+                        "top-1=2e-4"], capsys)  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["full", "linear-probe", "top-1"]
+    assert rows["full"]["lr"] == DEFAULT_LR["full"] and rows["linear-probe"]["lr"] == DEFAULT_LR["linear-probe"]
+    assert rows["top-1"]["lr"] == 2e-4
+    assert {r["steps"] for r in rows.values()} == {2}
+    assert rows["linear-probe"]["trainable_params"] == 32 * 2 + 2
+    assert rows["full"]["trainable_pct"] == 100.0
+    assert rows["linear-probe"]["optimizer_state_mb"] < rows["top-1"]["optimizer_state_mb"] < rows["full"][
+        "optimizer_state_mb"]
+    tokens = {json.loads((out / m / "seed-0" / "results.json").read_text())["tokens_seen"] for m in rows}
+    assert len(tokens) == 1  # the same batches for every method
+    md = (out / "compare.md").read_text()
+    assert "| linear-probe |" in md and "accuracy (mean ± std, n)" in md and (out / "compare.png").is_file()
+    assert "| top-1 |" in o
+
+    first = (out / "full" / "seed-0" / "results.json").stat().st_mtime_ns
+    code, _, err = run([*base(env, out), "--methods", "full,linear-probe", "--seeds", "0,1"], capsys)
+    assert code == 0, err
+    assert (out / "full" / "seed-0" / "results.json").stat().st_mtime_ns == first  # finished runs are reused
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    full = rows["full"]
+    assert full["seeds"] == [0, 1] and full["std"] == pytest.approx(mean_std(full["values"])[1])
+
+
+def test_compare_bad_input_is_one_sentence_exit_2(env, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code, _, err = run([*base(env, out), "--methods", "full,bogus"], capsys)
+    assert code == 2 and "unknown method 'bogus'" in err and not out.exists()
+    code, _, err = run([*base(env, out), "--methods", "full", "--lr-for", "lora=1e-3"], capsys)
+    assert code == 2 and "not in --methods" in err
+    code, _, err = run([*base(env, out), "--methods", "full", "--seeds", "a,b"], capsys)
+    assert code == 2 and "integers" in err
+    code, _, err = run([*base(env, out), "--methods", "full", "--text-col", "sentence"], capsys)
+    assert code == 2 and "the full run (seed 0) failed" in err and "has no column 'sentence'" in err
+
+
+def test_argv_round_trip_and_lr_for():
+    a = FinetuneArgs(out="x", from_="m", train="t.tsv", max_length=64, quote_none=True, method="lora", lr=1.0)
+    assert to_argv(a) == ["--from", "m", "--train", "t.tsv", "--max-length", "64", "--quote-none"]
+    assert parse_lr_for(["lora=1e-3", "full=5e-5"]) == {"lora": 1e-3, "full": 5e-5}
+    for bad in ("lora", "lora=x", "lora=-1"):
+        with pytest.raises(Exception, match="METHOD=LR"):
+            parse_lr_for([bad])

