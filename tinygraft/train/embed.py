@@ -58,11 +58,17 @@ def load_encoder(spec: str | Path, device: torch.device):
     if hf.is_hf_dir(path):
         pre = load_pretrained(path)
         return pre.model.to(device), pre.tokenizer, pre.pooling
+    from tinygraft.core import checkpoint
+    from tinygraft.train.export import is_finetune_checkpoint
     from tinygraft.train.pretrain import load_trained
 
+    if is_finetune_checkpoint(checkpoint.resolve(path, "latest")):
+        from tinygraft.train.predict import load_finetuned
+
+        ft = load_finetuned(path, device)
+        return ft.model.backbone, ft.tokenizer, Pooling()  # a fine-tuned TaskModel embeds with its backbone
     trained = load_trained(path, device)
-    model = getattr(trained.model, "backbone", trained.model)  # a fine-tuned TaskModel embeds with its backbone
-    return model, trained.tokenizer, Pooling()
+    return trained.model, trained.tokenizer, Pooling()
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:

@@ -38,6 +38,16 @@ def _check_target(to: Path, overwrite: bool) -> None:
         raise TinygraftError(f"export target '{to}' is not empty; pass --overwrite to write into it anyway")
 
 
+def is_finetune_checkpoint(step_dir: Path) -> bool:
+    """A fine-tuning run's checkpoint (its config.json names the task)."""
+    import json
+
+    try:
+        return json.loads((step_dir / "config.json").read_text(encoding="utf-8")).get("kind") == "finetune"
+    except (OSError, ValueError):
+        return False  # the loaders that follow report an unreadable checkpoint in one sentence
+
+
 def is_lora_checkpoint(step_dir: Path) -> bool:
     from tinygraft.train.lora_method import BASE_FILE
 
@@ -74,7 +84,12 @@ def export_run(run: str | Path, to: str | Path, which: str | None = None, overwr
     _check_target(to, overwrite)
     which = which or kept_pointer(run)
     step_dir = checkpoint.resolve(run, which)
-    if is_lora_checkpoint(step_dir):
+    if is_finetune_checkpoint(step_dir):  # a TaskModel, LoRA or not: the fine-tuning loader rebuilds it
+        from tinygraft.train.predict import load_finetuned
+
+        ft = load_finetuned(run, torch.device("cpu"), which)
+        model, tokenizer, ckpt, notes = ft.model, ft.tokenizer, ft.ckpt, []
+    elif is_lora_checkpoint(step_dir):
         model, tokenizer, ckpt, notes = _lora_trained(run, which)
     elif merged:
         raise TinygraftError(f"{str(run)!r} is not a LoRA run, so there is no adapter to merge; export it "

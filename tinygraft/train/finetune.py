@@ -155,10 +155,10 @@ def load_base(spec: str) -> Base:
 
         ft = load_finetuned(path, torch.device("cpu"))
         return Base(ft.model.backbone, ft.tokenizer, str(path), None, ft)
-    from tinygraft.train.pretrain import load_trained
+    from tinygraft.train.sources import from_run
 
-    trained = load_trained(path, torch.device("cpu"))
-    return Base(trained.model, trained.tokenizer, str(path), None)
+    source = from_run(path)  # a LoRA pre-training run comes with its adapter merged
+    return Base(source.model, source.tokenizer, str(path), None)
 
 
 def _run_config(path: Path) -> dict:

@@ -66,7 +66,7 @@ def load_source(spec: str, new_head: bool = False) -> Source:
     if hf.is_hf_dir(path):
         return _from_huggingface(path, new_head)
     if looks_like_run(path):
-        return _from_run(path)
+        return from_run(path)
     raise TinygraftError(
         f"--from '{path}' is neither a tinygraft run or checkpoint nor a Hugging Face model directory "
         "(config.json naming a model_type, with model.safetensors)"
@@ -94,7 +94,7 @@ def _from_huggingface(path: Path, new_head: bool) -> Source:
     return Source(path, "huggingface", pre.model, pre.tokenizer, list(pre.report.new_heads), notes)
 
 
-def _from_run(path: Path) -> Source:
+def from_run(path: Path) -> Source:
     from tinygraft.core.lora import lora_layers, unload_lora
     from tinygraft.train.pretrain import load_trained
 
