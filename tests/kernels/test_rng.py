@@ -90,3 +90,17 @@ def test_p_zero_keeps_everything_and_bad_p_is_rejected():
     assert rng.keep_mask(5, torch.arange(2**32 - 10, 2**32 + 10), 0.0).all()
     with pytest.raises(ValueError):
         rng.drop_threshold(1.0)
+
+
+def test_torch_mask_equals_python_integer_hash_at_32_bit_edges():
+    """The int32 tensor path against the hash written on plain Python ints (no overflow, no sign tricks)."""
+    offsets = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 12345, 2**62 + 7]
+    for seed in (0, 3, 2**33 + 1):
+        for p in (0.1, 0.5):
+            expected = []
+            for o in offsets:
+                x = rng.mix32((o & rng.MASK32) ^ rng.seed_key(seed))
+                x = rng.mix32(x ^ (o >> 32))
+                expected.append((x >> 8) >= rng.drop_threshold(p))
+            got = rng.keep_mask(seed, torch.tensor(offsets, dtype=torch.int64), p)
+            assert got.tolist() == expected
