@@ -27,12 +27,7 @@ TRAIN = ["--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "t
 VOCAB, POSITIONS = 512, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from tests.train.finetune_fixtures import make_bert_dir, make_data
+from tinygraft.train.cli import main
 from tinygraft.train.compare import mean_std, parse_lr_for, to_argv
 from tinygraft.train.finetune import FinetuneArgs
-from tinygraft.train.finetune_cli import main
 from tinygraft.train.finetune_methods import DEFAULT_LR
 
 

@@ -12,18 +12,13 @@ from safetensors.torch import load_file
 
 from tests.train.finetune_fixtures import BERT_LAYERS, make_bert_dir, make_data, make_gpt_dir
 from tinygraft.core import checkpoint
-from tinygraft.train.finetune_cli import main
+from tinygraft.train.cli import main
 
 RESULT_KEYS = {"task", "method", "metric", "metrics", "kept", "best_step", "train_seconds", "tokens_per_s",
                "trainable_params", "total_params", "optimizer_state_mb", "peak_memory_mb"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
         --methods full,linear-probe,top-2,gradual-unfreeze,lora --seeds 0,1,2 --out runs/sst2-compare
 
 Trustworthy by construction: every (method, seed) is its own `finetune` process (`python -m
-tinygraft.train.finetune_cli finetune ...`), so its peak memory is its own; the flags are the same for all, so
+tinygraft finetune ...`), so its peak memory is its own; the flags are the same for all, so
 is the data (the same files, the same fixed `--max-train` subset), the seed (head init, batch order: the batcher's
 permutation depends on the seed alone, not on the method) and the number of steps. Only the learning rate differs:
 each method runs at its own documented default (finetune_methods.DEFAULT_LR), overridden for all by `--lr` or per
@@ -78,7 +78,7 @@ def run_one(base_argv: list[str], method: str, seed: int, lr: float, out: Path, 
         done = json.loads(results.read_text(encoding="utf-8"))
         if done.get("status") == "completed" and done.get("lr") == lr:
             return done
-    cmd = [sys.executable, "-m", "tinygraft.train.finetune_cli", "finetune", *base_argv, "--method", method,
+    cmd = [sys.executable, "-m", "tinygraft", "finetune", *base_argv, "--method", method,
            "--seed", str(seed), "--lr", repr(lr), "--out", str(out), "--overwrite"]  # fmt: skip
     env = dict(os.environ)
     if threads:

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.train.lora_cli import add_lora_arguments
 
 INTERRUPTED = 130
@@ -120,25 +119,3 @@ def add_finetune_commands(sub) -> None:
     p.add_argument("--lr-for", action="append", default=[], metavar="METHOD=LR", help="per-method lr (repeatable)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's choice)")
     p.set_defaults(func=cmd_compare)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinygraft")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_finetune_commands(sub)
-    ns = parser.parse_args(argv)
-    if ns.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return ns.func(ns)
-    except TinygraftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return TinygraftError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())
