@@ -49,11 +49,9 @@ def _query_block(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
-              stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold,
-              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S,
+             MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One (BLOCK_N, D) tile of keys and of values; rows past S read as 0 on the ragged edge."""
     k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     if MASKED:
@@ -65,11 +63,28 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _visible(offs_m, offs_n, S, off_causal, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) True where query i may see key j: inside S and, if causal, j <= i + (S - T)."""
+    visible = offs_n[None, :] < S
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + off_causal)
+    return visible
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
+              stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold,
+              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     if MASKED:
-        visible = offs_n[None, :] < S
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + off_causal)
+        visible = _visible(offs_m, offs_n, S, off_causal, CAUSAL)
         s = tl.where(visible, s, float("-inf"))
     if HAS_PAD:
         keep_key = tl.load(Pad + offs_n, mask=offs_n < S, other=0) != 0
@@ -264,23 +279,11 @@ def _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_bas
              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    if MASKED:
-        k = tl.load(k_ptrs, mask=offs_n[:, None] < S, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < S, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
-        visible = offs_n[None, :] < S
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + off_causal)
+        visible = _visible(offs_m, offs_n, S, off_causal, CAUSAL)
         p = tl.where(visible, p, 0.0)
     if HAS_PAD:
         keep_key = tl.load(Pad + offs_n, mask=offs_n < S, other=0) != 0
