@@ -223,7 +223,8 @@ class Checkpoint:
         return int(self.trainer_state["step"])
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or one sentence naming it as corrupt."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -243,7 +244,7 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
     for fname in REQUIRED:
         if not (step_dir / fname).is_file():
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
-    state = _read_json(step_dir / TRAINER_STATE)
+    state = read_json(step_dir / TRAINER_STATE)
     blobs = {}
     for fname, digest in state.get("files", {}).items():
         fpath = step_dir / fname
@@ -264,5 +265,5 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
         if OPTIMIZER_TENSORS not in blobs:
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {OPTIMIZER_TENSORS} is missing")
         tensors = _read_tensors(step_dir / OPTIMIZER_TENSORS, blobs[OPTIMIZER_TENSORS])
-        optimizer = optimizer_from_files(tensors, _read_json(step_dir / OPTIMIZER_JSON))
-    return Checkpoint(step_dir, model, state, _read_json(step_dir / CONFIG_FILE), optimizer)
+        optimizer = optimizer_from_files(tensors, read_json(step_dir / OPTIMIZER_JSON))
+    return Checkpoint(step_dir, model, state, read_json(step_dir / CONFIG_FILE), optimizer)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinygraft.core import checkpoint
 from tinygraft.core.errors import TinygraftError
 from tinygraft.core.lora import (
     ALL_LINEAR,
@@ -87,10 +88,7 @@ def read_base_record(step_dir: str | Path) -> dict:
     path = Path(step_dir) / BASE_FILE
     if not path.is_file():
         raise TinygraftError(f"checkpoint {str(step_dir)!r} has no {BASE_FILE}, so it is not a LoRA checkpoint")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TinygraftError(f"checkpoint file {str(path)!r} is corrupt (not valid JSON: {e})") from None
+    return checkpoint.read_json(path)
 
 
 def _load_report(model: nn.Module):
