@@ -5,7 +5,7 @@ the one `finetune --max-train 4000` takes), max length 64, batch 32, one epoch (
 warmup then linear decay to 0, weight decay 0.01 (not on biases / LayerNorms), grad clip 1, per seed:
 
     tinygraft       finetune(--from minilm --method full): our BERT, mean pooling (MiniLM's own sentence pooling,
-                    which its checkpoint ships), the one training loop
+                    which its checkpoint ships), the one training loop (torch's fused AdamW on a CPU)
     transformers    BertForSequenceClassification (pooler + classifier, transformers' default head) + torch.optim.AdamW
                     + get_linear_schedule_with_warmup; the very same input ids, batches and order (our
                     LabeledBatcher with the same seed)
@@ -106,40 +106,46 @@ def run_transformers(train: Path, seed: int, args) -> dict:
 
 
 def interleaved_steps(train: Path, args, n: int) -> dict:
-    """Both models' training steps on the same batches, alternating step by step: on a shared machine a burst of
-    load then hits both sides alike, so the per-step medians compare the engines rather than the moments they ran."""
+    """The engines' training steps on the same batches, rotating order step by step: on a shared machine a burst of
+    load then hits every side alike, so the per-step medians compare the engines rather than the moments they ran.
+    Beside the recipe's transformers (torch AdamW's default path) runs the strongest PyTorch baseline, the same model
+    with torch's fused AdamW, which is what tinygraft's loop steps with on a CPU."""
     import transformers as tf
 
     from tinygraft.core import labeled as L
     from tinygraft.models.heads import TaskModel, make_head
     from tinygraft.models.pretrained import minilm_path
     from tinygraft.train.finetune import load_base
+    from tinygraft.train.methods import Full
+    from tinygraft.train.optim import build_optimizer, param_groups
 
     base = load_base("minilm")
     ours = TaskModel(base.backbone, make_head("classify", base.backbone, num_labels=2, pooling=base.pooling)).train()
-    theirs = tf.BertForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2).train()
+    groups = param_groups(ours, Full().param_groups(ours), 0.01)
+    sides = [("tinygraft", ours, build_optimizer(groups, "torch", torch.device("cpu"), args.lr, (0.9, 0.999), 1e-8))]
+    for name, fused in (("transformers", None), ("transformers+fused", True)):
+        hf = tf.BertForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2).train()
+        sides.append((name, hf, torch.optim.AdamW(hf.parameters(), lr=args.lr, fused=fused)))
     tok = base.tokenizer
     tr = L.read_labeled(train, "sentence", "label")
     feats = L.encode_classification(tr, tok, args.max_length, L.LabelMap.build(e.label for e in tr))
     batcher = L.LabeledBatcher(feats, args.batch_size, tok.pad_id, seed=0)
-    opts = {m: torch.optim.AdamW(m.parameters(), lr=args.lr) for m in (ours, theirs)}
 
-    def step(model, b):
+    def step(model, opt, b):
         t0 = time.perf_counter()
         loss = model(b)[1] if model is ours else model(**b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opts[model].step()
-        opts[model].zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    times = {"tinygraft": [], "transformers": []}
+    times = {name: [] for name, _, _ in sides}
     for i in range(n + 2):
         b = batcher.next()
         b = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-        pair = [("tinygraft", ours), ("transformers", theirs)]
-        for name, model in pair if i % 2 == 0 else pair[::-1]:
-            t = step(model, b)
+        for name, model, opt in sides[i % 3:] + sides[: i % 3]:
+            t = step(model, opt, b)
             if i >= 2:  # two warm-up steps (first AdamW state allocation)
                 times[name].append(t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -184,8 +190,8 @@ def main(argv=None):
         if args.interleaved:
             step_ms = interleaved_steps(train, args, args.interleaved)
             res.data["interleaved_step_ms"] = step_ms
-            print(f"interleaved median step: tinygraft {step_ms['tinygraft']:.0f} ms, transformers "
-                  f"{step_ms['transformers']:.0f} ms ({args.interleaved} steps each, alternating)")  # fmt: skip
+            shown = ", ".join(f"{k} {v:.0f} ms" for k, v in step_ms.items())
+            print(f"interleaved median step: {shown} ({args.interleaved} steps each, rotating order)")
     summary = {}
     for impl in ("tinygraft", "transformers"):
         rows = [r for r in res.rows if r["impl"] == impl]

@@ -104,3 +104,12 @@ def test_torch_mask_equals_python_integer_hash_at_32_bit_edges():
                 expected.append((x >> 8) >= rng.drop_threshold(p))
             got = rng.keep_mask(seed, torch.tensor(offsets, dtype=torch.int64), p)
             assert got.tolist() == expected
+
+
+def test_keep_mask_like_is_keep_mask_over_row_major_indices():
+    """The 31-bit fast path (one int32 arange, the high-word round skipped) draws the general path's bits."""
+    for shape in ((1,), (7,), (3, 129), (2, 3, 7, 33)):
+        n = math.prod(shape)
+        for seed in (0, 9, 2**31 - 1):
+            expect = rng.keep_mask(seed, torch.arange(n), 0.3).reshape(shape)
+            assert torch.equal(rng.keep_mask_like(seed, shape, 0.3), expect), (shape, seed)

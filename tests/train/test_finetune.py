@@ -177,6 +177,66 @@ def test_continue_from_a_finetuned_run_reuses_its_head(env, tmp_path, capsys):
     assert code == 0, err
 
 
+# ------------------------------------------------------------------------------------------------------ resume
+def val_rows(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["accuracy"] for r in rows if r["split"] == "val"}
+
+
+@pytest.mark.parametrize("method", ["full", "gradual-unfreeze", "lora"])
+def test_stop_and_resume_equals_the_straight_run(env, tmp_path, capsys, method):
+    """--stop-at 3, then --resume (no other flag) to 6 == 6 straight: weights, train losses and the best step, with
+    dropout on (its masks come from the restored RNG) and, for gradual unfreezing, a unit unfrozen after the stop."""
+    extra = [*classify(env), "--method", method, "--eval-every", 2, "--unfreeze-every", 2]
+    straight = finetune(env, tmp_path / "a", capsys, *extra, steps=6)
+    args = ["finetune", "--from", env["bert"], "--out", tmp_path / "b", "--steps", 6, "--batch-size", 8,
+            "--max-length", 32, *extra]  # fmt: skip
+    code, _, err = run([*args, "--stop-at", 3], capsys)
+    assert code == 0 and "--resume" in err, err
+    assert checkpoint.load(tmp_path / "b").step == 3
+    code, _, err = run(["finetune", "--out", tmp_path / "b", "--resume"], capsys)
+    assert code == 0 and "resuming" in err, err
+    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    a, b = kept_tensors(tmp_path / "a"), kept_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    straight_val, split_val = val_rows(tmp_path / "a"), val_rows(tmp_path / "b")
+    assert straight_val == {k: split_val[k] for k in (2, 4, 6)}  # 4 and 6 after the resume; 3 where it stopped
+    assert resumed["best_step"] == straight["best_step"] and resumed["step"] == 6
+    assert resumed["metrics"] == pytest.approx(straight["metrics"], abs=1e-5)
+
+
+def test_resume_refuses_what_would_not_continue_exactly(env, tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    train.write_bytes(env["train"].read_bytes())
+    out = tmp_path / "run"
+    args = ["finetune", "--from", env["bert"], "--out", out, "--train", train, "--val", env["val"], "--steps", 4,
+            "--batch-size", 8, "--max-length", 32, "--eval-every", 2]  # fmt: skip
+    assert run([*args, "--stop-at", 2], capsys)[0] == 0
+    cases = [
+        (["--lr", "1e-3"], "drop --lr (saved: None)"),
+        (["--method", "top-2"], "drop --method (saved: 'full')"),
+        (["--from", env["gpt"]], "drop --from"),
+        (["--overwrite"], "contradict"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(["finetune", "--out", out, "--resume", *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+    code, _, err = run(["finetune", "--out", tmp_path / "none", "--resume"], capsys)
+    assert code == 2 and "nothing to resume" in err
+    code, _, err = run(["finetune", "--out", out, "--resume", "--stop-at", 2], capsys)
+    assert code == 2 and "not after the checkpoint's step 2" in err
+    original = train.read_bytes()
+    train.write_bytes(original + b"one more sentence\tlogging\n")
+    code, _, err = run(["finetune", "--out", out, "--resume"], capsys)
+    assert code == 2 and "changed since the checkpoint was written" in err
+    train.write_bytes(original)
+    assert run(["finetune", "--out", out, "--resume"], capsys)[0] == 0
+    code, _, err = run(["finetune", "--out", out, "--resume"], capsys)
+    assert code == 2 and "already finished its 4 steps" in err
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_one_sentence_exit_2(env, tmp_path, capsys):
     root = tmp_path

@@ -13,7 +13,7 @@ from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.loop import Job, train
 from tinygraft.train.methods import Full, Method
-from tinygraft.train.optim import lr_at, no_decay_ids, param_groups
+from tinygraft.train.optim import build_optimizer, lr_at, no_decay_ids, param_groups
 from tinygraft.train.progress import Progress
 from tinygraft.train.run_dir import RunDir
 
@@ -277,3 +277,50 @@ def test_fused_adamw_choice_and_its_state_resumes_under_torch_adamw(tmp_path):
     torch_cfg = small_cfg(steps=6, eval_every=3, optimizer="torch")
     out = train(make_job(torch_cfg), torch_cfg, run, resume=ckpt, progress=quiet())
     assert out.status == "completed" and math.isfinite(out.results["metrics"]["loss"])
+
+
+def test_torch_choice_is_torchs_fused_adamw_and_tracks_a_float64_adamw():
+    torch.manual_seed(3)
+    shapes = [(129, 7), (7,), (1,), (33, 65)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().double().clone()) for p in ours]
+    groups = [{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}]
+    opt = build_optimizer(groups, "torch", torch.device("cpu"), 1e-2, (0.9, 0.95), 1e-8)
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}],
+                                lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)  # fmt: skip
+    for _ in range(5):
+        for p, r in zip(ours, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g, g.double()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.detach().double(), r.detach(), atol=1e-5, rtol=1e-5)
+    ints = [{"params": [torch.zeros(3, dtype=torch.int64)]}]  # not fusable: torch's default path, no error
+    assert not build_optimizer(ints, "torch", torch.device("cpu"), 1e-2, (0.9, 0.95), 1e-8).defaults["fused"]
+
+
+def test_an_evaluation_at_stop_at_is_logged_but_never_ranked_best(tmp_path):
+    """The best checkpoint of a stopped-and-resumed run is the one a straight run keeps: an evaluation made only
+    because --stop-at ended the run (step 5, off the every-4 schedule) cannot win, however good its metric."""
+    cfg = small_cfg(steps=8, eval_every=4)
+    scores = {4: 1.0, 5: 0.1, 8: 2.0}  # a loss: step 5 would be best if it were ranked
+    job = make_job(cfg)
+    calls = []
+
+    def evaluate(m):
+        calls.append(len(calls))
+        return {"loss": [scores[4], scores[5], scores[8]][len(calls) - 1]}
+
+    job.evaluate, job.keep_best, job.metric, job.higher_is_better = evaluate, True, "loss", False
+    run = RunDir(tmp_path)
+    run.prepare(resume=False, overwrite=False)
+    out = train(job, cfg, run, stop_at=5, progress=quiet())
+    assert out.status == "stopped" and out.results["best_step"] == 4
+    job2 = make_job(cfg)
+    job2.evaluate, job2.keep_best, job2.metric, job2.higher_is_better = evaluate, True, "loss", False
+    out = train(job2, cfg, run, resume=checkpoint.load(run.path), progress=quiet())
+    assert out.results["best_step"] == 4 and out.results["metrics"]["loss"] == 1.0
+    logged = [r["step"] for r in run.metrics() if r["split"] == "val"]
+    assert logged == [4, 5, 8]

@@ -39,25 +39,30 @@ def drop_threshold(p: float) -> int:
     return round(p * (1 << 24))
 
 
-def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on uint32 bit patterns stored in int32: half the memory traffic of int64, so the CPU reference
-    draws a mask about as fast as `bernoulli_`. int32 products wrap mod 2**32 like uint32 ones; the masks after each
-    right shift turn torch's arithmetic shift into the logical one the hash needs."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * MUL1
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * (MUL2 - (1 << 32))  # the same 32 bits, as a (negative) int32 constant
-    return x ^ ((x >> 16) & 0xFFFF)
+def _mix32_int32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32, in place, on uint32 bit patterns stored in int32: half the memory traffic of int64 and no fresh
+    buffers, so the CPU reference draws a mask faster than `bernoulli_`. int32 products wrap mod 2**32 like uint32
+    ones; the masks after each right shift turn torch's arithmetic shift into the logical one the hash needs."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= MUL1
+    x ^= (x >> 15) & 0x1FFFF
+    x *= MUL2 - (1 << 32)  # the same 32 bits, as a (negative) int32 constant
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def _keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    return ((x >> 8) & 0xFFFFFF) >= drop_threshold(p)
 
 
 def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
     """Bool mask, True = keep, for the given int64 element indices (any shape)."""
     offsets = offsets.to(torch.int64)
-    lo = (offsets & MASK32).to(torch.int32)  # the low 32 bits, reinterpreted as int32
-    hi = (offsets >> 32).to(torch.int32)
-    x = _mix32_int32(lo ^ seed_key(seed))
-    x = _mix32_int32(x ^ hi)
-    return ((x >> 8) & 0xFFFFFF) >= drop_threshold(p)
+    x = (offsets & MASK32).to(torch.int32)  # the low 32 bits, reinterpreted as int32 (a fresh tensor)
+    x ^= seed_key(seed)
+    _mix32_int32_(x)
+    x ^= (offsets >> 32).to(torch.int32)
+    return _keep(_mix32_int32_(x), p)
 
 
 def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
@@ -65,7 +70,13 @@ def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> 
     n = 1
     for s in shape:
         n *= s
-    return keep_mask(seed, torch.arange(n, device=device, dtype=torch.int64), p).reshape(shape)
+    if n > 2**31:
+        return keep_mask(seed, torch.arange(n, device=device, dtype=torch.int64), p).reshape(shape)
+    # Every index fits in 31 bits: the high word is 0, so the second round mixes with nothing (attention dropout
+    # draws one of these per layer and step; this path is ~4x cheaper than the general one).
+    x = torch.arange(n, device=device, dtype=torch.int32)
+    x ^= seed_key(seed)
+    return _keep(_mix32_int32_(_mix32_int32_(x)), p).reshape(shape)
 
 
 def new_seed(generator: torch.Generator | None = None) -> int:

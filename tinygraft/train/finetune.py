@@ -18,6 +18,7 @@ without the base: the backbone's architecture, the head's description, the label
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import sys
@@ -101,6 +102,12 @@ class FinetuneArgs:
     lora_targets: str | None = None
     lora_rslora: bool = False
     overwrite: bool = False
+    resume: bool = False  # continue the run in `out` from its latest checkpoint, with its own saved settings
+    stop_at: int | None = None  # stop after this step (a checkpoint to resume from later)
+
+
+# How a run is invoked, not what it trains: the only settings a resumed run may change (and not saved in its config).
+INVOCATION = ("out", "overwrite", "resume", "stop_at", "device")
 
 
 def say(message: str) -> None:
@@ -329,7 +336,7 @@ def check_args(a: FinetuneArgs) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "keep"):
         if getattr(a, name) < 1:
             raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    for name in ("steps", "eval_every", "patience", "max_train", "max_val"):
+    for name in ("steps", "eval_every", "patience", "max_train", "max_val", "stop_at"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if not 0.0 <= a.warmup < 1.0:
@@ -342,9 +349,12 @@ def finetune(a: FinetuneArgs):
     from tinygraft.kernels.backend import describe
     from tinygraft.train.loop import Job, resolve_device, seed_everything, train
 
-    check_args(a)
     run_dir = RunDir(a.out)
-    run_dir.check(resume=False, overwrite=a.overwrite)
+    run_dir.check(resume=a.resume, overwrite=a.overwrite)
+    resume = None
+    if a.resume:
+        a, resume = resume_args(a, run_dir)
+    check_args(a)
     make_method(a.method, **method_settings(a, 1))  # an unknown method fails before any loading
     resolve_device(a.device)
     seed_everything(a.seed)
@@ -389,7 +399,7 @@ def finetune(a: FinetuneArgs):
         "kind": "finetune",
         "task": a.task,
         "method": a.method,
-        "finetune": {k: v for k, v in dataclasses.asdict(a).items() if k not in ("out", "overwrite")},
+        "finetune": {k: v for k, v in dataclasses.asdict(a).items() if k not in INVOCATION},
         "train": dataclasses.asdict(cfg),
         "method_settings": getattr(method, "describe", lambda: {})(),
         "head": head_desc,
@@ -401,20 +411,26 @@ def finetune(a: FinetuneArgs):
         if not any(p.numel() for g in method.param_groups(model) for p in g["params"]):
             raise TinygraftError(f"method {a.method} trains nothing on the {a.task} task (its head has no parameters); "
                                  "use full, top-k, gradual-unfreeze or lora")  # fmt: skip
-    run_dir.prepare(resume=False, overwrite=a.overwrite)
-    run_dir.write_config(config)
-    if data.label_map is not None:
-        data.label_map.save(run_dir.path / "labels.json")
-    timer = {"eval_seconds": 0.0}
+    timer = {"eval_seconds": 0.0, "data_sha256": data_digests(a)}  # saved with every checkpoint (extra_state)
+    if resume is not None:
+        check_same_run(resume, config, a, timer["data_sha256"])
+        timer["eval_seconds"] = resume.trainer_state.get("eval_seconds", 0.0)
+    run_dir.prepare(resume=a.resume, overwrite=a.overwrite)
+    if resume is None:
+        run_dir.write_config(config)
+        if data.label_map is not None:
+            data.label_map.save(run_dir.path / "labels.json")
     job = Job(
         model=model, method=method, batcher=batcher, loss_fn=task_loss, evaluate=make_evaluate(a, data, pad_id, timer),
         count_tokens=L.count_tokens, config=config, task=a.task, metric=metric, higher_is_better=higher,
-        keep_best=True, tokenizer_json=tokenizer.to_json(),
+        keep_best=True, tokenizer_json=tokenizer.to_json(), extra_state=timer,
         extra_results={"base": base.source, "lr": lr, "seed": a.seed, "n_train": data.n_train, "n_val": data.n_val,
                        "head": head_desc, "method_settings": config["method_settings"]},
     )  # fmt: skip
     if a.patience is not None:
         _add_early_stop(job, a.patience, eval_every)
+    if resume is not None:
+        say(f"resuming {str(run_dir.path)!r} from step {resume.step} of {steps}")
     say(
         f"fine-tuning {base.source} ({model.family}) on {a.task}: {data.n_train} train / {data.n_val} val examples, "
         f"{steps} steps of {a.batch_size} (lr {lr:g}, method {a.method}), head {head_desc}, kernels: {describe()}"
@@ -422,7 +438,7 @@ def finetune(a: FinetuneArgs):
     if isinstance(method, GradualUnfreeze):
         shown = ", ".join(f"{name}@{s}" for s, name in method.schedule(model, steps))
         say(f"gradual unfreezing (unit@first step): {shown}")
-    outcome = train(job, cfg, run_dir)
+    outcome = train(job, cfg, run_dir, resume=resume, stop_at=a.stop_at)
     results = dict(outcome.results)
     trainable, total = trainable_summary(model)
     results["trainable_params_max"] = trainable  # gradual unfreezing ends with more than it started
@@ -430,6 +446,60 @@ def finetune(a: FinetuneArgs):
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
     return outcome.__class__(outcome.status, outcome.step, results)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+def resume_args(given: FinetuneArgs, run_dir: RunDir):
+    """The saved run's own arguments (flags that differ from them are refused, by name) and its latest checkpoint."""
+    from tinygraft.core import checkpoint
+
+    ckpt = checkpoint.load(run_dir.path)
+    saved = ckpt.config.get("finetune")
+    if ckpt.config.get("kind") != "finetune" or not isinstance(saved, dict):
+        raise TinygraftError(f"{str(run_dir.path)!r} holds a pre-training run, not a fine-tuning one; continue it "
+                             "with 'tinygraft pretrain --resume'")  # fmt: skip
+    defaults = FinetuneArgs(out=given.out)
+    names = [f.name for f in dataclasses.fields(FinetuneArgs) if f.name not in INVOCATION]
+    changed = [n for n in names if getattr(given, n) != getattr(defaults, n) and getattr(given, n) != saved.get(n)]
+    if changed:
+        shown = ", ".join(f"--{n.rstrip('_').replace('_', '-')} (saved: {saved.get(n)!r})" for n in changed)
+        raise TinygraftError(f"--resume continues the run with its saved settings; drop {shown} or start a new run")
+    kept = {n: saved[n] for n in names if n in saved}
+    device = given.device if given.device != defaults.device else saved.get("device", defaults.device)
+    args = FinetuneArgs(**kept, out=given.out, resume=True, stop_at=given.stop_at, device=device)
+    return args, ckpt
+
+
+def data_digests(a: FinetuneArgs) -> dict:
+    """sha256 of the training and validation files: a resumed run must read the very same examples."""
+    paths = {"train": a.train, "val": a.val}
+    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items() if v and Path(v).is_file()}
+
+
+def check_same_run(resume, config: dict, a: FinetuneArgs, digests: dict) -> None:
+    """Refuse a resume that would not continue the very run the checkpoint holds: other data, another backbone."""
+    saved = resume.trainer_state.get("data_sha256") or {}
+    for side, digest in digests.items():
+        if side in saved and saved[side] != digest:
+            raise TinygraftError(f"the {side} file '{getattr(a, side)}' changed since the checkpoint was written, so "
+                                 "the run cannot continue exactly; restore it or start a new run")  # fmt: skip
+    # (the base's path may move with its environment; its architecture and the head may not change)
+    old, new = _flatten(resume.config), _flatten(json.loads(json.dumps(config)))
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "base"
+                    and not k.endswith(".device"))  # fmt: skip
+    if differ:
+        raise TinygraftError(f"the rebuilt run differs from the checkpoint's in {', '.join(differ[:5])} (did the base "
+                             "model change?); it cannot continue exactly")  # fmt: skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _add_early_stop(job, patience: int, eval_every: int) -> None:

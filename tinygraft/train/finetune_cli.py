@@ -60,6 +60,10 @@ def add_finetune_flags(p: argparse.ArgumentParser, compare: bool = False) -> Non
       help="discriminative lr: factor per block going down (e.g. 0.8, or 0.385 = ULMFiT's 1/2.6)")
     add_lora_arguments(p)
     d("--overwrite", action="store_true", help="replace a run already in --out")
+    if not compare:
+        d("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (its own "
+          "saved settings; --device may change)")
+        d("--stop-at", type=int, metavar="STEP", help="stop after this step (leaves a checkpoint to --resume)")
 
 
 def finetune_args_from(ns: argparse.Namespace, **changes):
@@ -75,8 +79,12 @@ def cmd_finetune(ns) -> int:
 
     outcome = finetune(finetune_args_from(ns))
     if outcome.status == "interrupted":
-        print(f"interrupted: saved step {outcome.step} in {ns.out}/checkpoints", file=sys.stderr)
+        print(f"interrupted: saved step {outcome.step} in {ns.out}/checkpoints; continue with "
+              f"'tinygraft finetune --out {ns.out} --resume'", file=sys.stderr)
         return INTERRUPTED
+    if outcome.status == "stopped":
+        print(f"stopped after step {outcome.step} (--stop-at); continue with 'tinygraft finetune --out {ns.out} "
+              "--resume'", file=sys.stderr)  # fmt: skip
     r = outcome.results
     keys = ("metric", "metrics", "best_step", "train_seconds", "tokens_per_s", "trainable_params", "total_params")
     print(json.dumps({k: r.get(k) for k in keys}))

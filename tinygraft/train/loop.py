@@ -314,7 +314,10 @@ def train(
                     )
                 )
                 t_window, window_loss, window_steps, window_tokens = now, 0.0, 0, 0
-            if step % cfg.eval_every == 0 or step == last:
+            # An evaluation where --stop-at or Ctrl-C ends a run is shown and saved but not ranked: only the
+            # scheduled ones pick the best checkpoint, so a stopped-and-resumed run keeps what a straight one would.
+            scheduled = step % cfg.eval_every == 0 or step == cfg.steps
+            if scheduled or step == last:
                 last_val = evaluate()
                 if not math.isfinite(last_val.get("loss", 0.0)):
                     raise TinygraftError(
@@ -324,7 +327,7 @@ def train(
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 run.log(dict(step=step, split="val", **last_val, elapsed_s=elapsed))
                 value = last_val.get(job.metric)
-                improved = value is not None and (
+                improved = scheduled and value is not None and (
                     best["value"] is None or (value > best["value"] if job.higher_is_better else value < best["value"])
                 )
                 if improved:
@@ -332,7 +335,7 @@ def train(
                 shown = " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
                 progress.write(f"step {step}/{cfg.steps}: val {shown}")
                 save(is_best=improved)
-                if job.should_stop is not None and job.should_stop(step, best):
+                if scheduled and job.should_stop is not None and job.should_stop(step, best):
                     status = "early-stopped"
                     break
         if status == "interrupted" and step > saved_step:
@@ -346,7 +349,7 @@ def train(
         "task": job.task,
         "method": job.method.name,
         "metric": job.metric,
-        "metrics": best.get("metrics", {}) if job.keep_best else last_val,
+        "metrics": best.get("metrics") or last_val if job.keep_best else last_val,
         "kept": "best" if job.keep_best else "final",
         "best_step": best["step"],
         "train_seconds": train_seconds,
