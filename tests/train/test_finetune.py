@@ -277,3 +277,15 @@ def test_minilm_demo_learns(tmp_path, capsys):
     assert code == 0, err
     r = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert r["metrics"]["accuracy"] > 0.4
+
+
+def test_max_train_and_max_val_take_a_fixed_random_subset():
+    """Not the first N (a file sorted by genre, as STS-B's dev set is, would give a one-genre sample), and the same
+    draw in every process, seed and method."""
+    from tinygraft.train.finetune import subset
+
+    items = list(range(1000))
+    chosen = subset(items, 100)
+    assert chosen == subset(items, 100) and len(set(chosen)) == 100
+    assert chosen != items[:100] and max(chosen) > 500
+    assert subset(items, 1000) == items and subset(items, None) == items

@@ -78,7 +78,7 @@ class FinetuneArgs:
     compile: bool = False
     optimizer: str = "auto"
     max_train: int | None = None  # use a fixed random subset (Random(0), the same for every seed and method)
-    max_val: int | None = None
+    max_val: int | None = None  # a fixed random subset too (the same Random(0) draw as max_train)
     # data columns
     text_col: str | None = None
     text_pair_col: str | None = None
@@ -275,7 +275,7 @@ def prepare_data(a: FinetuneArgs, tokenizer, loaded=None) -> TaskData:
         say(f"no --train given: the stdlib docstring demo (which package a docstring comes from), in {train_path}")
     train_ex = subset(read_examples(a, a.train), a.max_train)
     val_ex = read_val(a, a.train)
-    val_ex = val_ex[: a.max_val] if a.max_val else val_ex
+    val_ex = subset(val_ex, a.max_val)  # random, not the first N: a file sorted by genre or date would mislead
     if not train_ex:
         raise TinygraftError(f"training file '{a.train}' holds no examples")
     if not val_ex:

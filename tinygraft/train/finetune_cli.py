@@ -41,7 +41,7 @@ def add_finetune_flags(p: argparse.ArgumentParser, compare: bool = False) -> Non
     d("--device", default="auto")
     d("--compile", action="store_true", help="torch.compile the model")
     d("--max-train", type=int, help="use a fixed random subset of this many training examples")
-    d("--max-val", type=int, help="use the first N validation examples")
+    d("--max-val", type=int, help="use a fixed random subset of this many validation examples")
     d("--text-col", help="text column (classify: text; tokens: tokens; qa: question; similarity: sentence1)")
     d("--text-pair-col", help="second text column (sentence pairs; qa: context; similarity: sentence2)")
     d("--label-col", help="label column (classify: label; tokens: tags; qa: answer; similarity: score)")
