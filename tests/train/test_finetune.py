@@ -4,6 +4,7 @@ change exactly the expected tensors), results.json, and each bad input as one se
 
 import io
 import json
+import shutil
 import sys
 
 import pytest
@@ -130,6 +131,24 @@ def test_linear_probe_leaves_every_backbone_tensor_bit_identical(env, tmp_path, 
     assert 2 * 4 * 66 <= r["optimizer_state_mb"] * 2**20 <= 2 * 4 * 66 + 2 * 8
 
 
+def test_linear_probe_feature_cache_trains_the_same_head(env, tmp_path, capsys):
+    """Three epochs with the pooled-feature cache (epochs 2 and 3 read it) end with the head an uncached probe
+    trains, to float rounding, and the same validation metrics."""
+    runs = {}
+    for name, extra in (("cached", []), ("plain", ["--no-feature-cache"])):
+        r = finetune(env, tmp_path / name, capsys, *classify(env), "--method", "linear-probe", "--epochs", 3,
+                     "--eval-every", 6, *extra, steps=18)  # fmt: skip
+        runs[name] = (r, kept_tensors(tmp_path / name))
+    (a, ta), (b, tb) = runs["cached"], runs["plain"]
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=0, msg=k)
+    assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-4)
+    # 48 training + 24 validation examples computed once; the rest of 18 steps of 8 and 3 evaluations read
+    assert a["feature_cache"] == {"examples": 72, "misses": 72, "hits": 18 * 8 - 48 + 2 * 24}
+    assert "feature_cache" not in b
+
+
 def test_top_k_changes_exactly_the_top_blocks_and_the_head(env, tmp_path, capsys):
     out = tmp_path / "top2"
     finetune(env, out, capsys, *classify(env), "--method", "top-2", "--lr", "1e-3")
@@ -235,6 +254,19 @@ def test_resume_refuses_what_would_not_continue_exactly(env, tmp_path, capsys):
     assert run(["finetune", "--out", out, "--resume"], capsys)[0] == 0
     code, _, err = run(["finetune", "--out", out, "--resume"], capsys)
     assert code == 2 and "already finished its 4 steps" in err
+
+
+def test_resume_refuses_a_base_model_that_changed(env, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(env["bert"], base)
+    out = tmp_path / "run"
+    args = ["finetune", "--from", base, "--out", out, *classify(env), "--steps", 4, "--batch-size", 8, "--max-length",
+            32, "--stop-at", 2]  # fmt: skip
+    assert run(args, capsys)[0] == 0
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    code, _, err = run(["finetune", "--out", out, "--resume"], capsys)
+    assert code == 2 and "differs from the checkpoint's in backbone.config.dropout" in err, err
 
 
 # -------------------------------------------------------------------------------------------------- bad input

@@ -1,12 +1,14 @@
 """The fine-tuning methods as the loop sees them: units, which parameters train at which step, the optimizer groups
 and their learning rates (discriminative lr), eval mode under a linear probe, and the registry."""
 
+import copy
 import importlib.util
 
 import pytest
 import torch
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.labeled import collate
 from tinygraft.models.bert import BERT, BERTConfig
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.heads import TaskModel, make_head
@@ -31,9 +33,9 @@ def bert_model(pooling="pooler") -> TaskModel:
     return TaskModel(bb, make_head("classify", bb, num_labels=3, pooling=pooling))
 
 
-def gpt_model() -> TaskModel:
+def gpt_model(pooling=None) -> TaskModel:
     bb = GPT(GPTConfig(vocab_size=53, block_size=16, n_layer=3, n_head=2, n_embd=32))
-    return TaskModel(bb, make_head("classify", bb, num_labels=2))
+    return TaskModel(bb, make_head("classify", bb, num_labels=2, pooling=pooling))
 
 
 def trainable_names(model) -> set[str]:
@@ -173,3 +175,50 @@ def test_gradual_unfreeze_with_a_parameter_free_head_starts_with_the_top_block()
     method.apply_schedule(model, 2)
     assert trainable_names(model) == prefixes(model, "backbone.pooler.", top, f"backbone.encoder.layer.{L - 2}.")
     assert method.schedule(model, 5)[:3] == [(0, "head"), (0, f"block{L - 1}"), (2, f"block{L - 2}")]
+
+
+@pytest.mark.parametrize("family,pooling", [("bert", "cls"), ("bert", "mean"), ("bert", "max"), ("bert", "pooler"),
+                                            ("gpt", "last"), ("gpt", "mean")])  # fmt: skip
+def test_linear_probe_feature_cache_gives_the_uncached_outputs_without_the_backbone(family, pooling):
+    """Epoch 1 runs the backbone and fills the cache; epoch 2, batched differently, reads every example from it (no
+    block runs) and gives the logits the uncached model gives those same batches; an unseen example runs it again."""
+    torch.manual_seed(0)
+    model = bert_model(pooling) if family == "bert" else gpt_model(pooling)
+    plain = copy.deepcopy(model).eval()
+    method = LinearProbe()
+    model = method.attach(model)
+    model.train()
+    method.apply_schedule(model, 0)
+    model.head.eval()  # the head's dropout off, to compare outputs
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    lengths = [1, 7, 12, 3, 9, 16, 2, 5, 11, 4]  # awkward sizes: 1, 7, the block size 16
+    feats = [{"input_ids": torch.randint(1, 53, (n,)).tolist(), "token_type_ids": [i % 2] * n, "labels": i % 2}
+             for i, n in enumerate(lengths)]  # fmt: skip
+    if family == "gpt":
+        feats = [{k: v for k, v in f.items() if k != "token_type_ids"} for f in feats]
+
+    def logits(m, idx):
+        with torch.no_grad():
+            return m(collate([feats[i] for i in idx], 0))[0]["logits"]
+
+    for idx in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9]):
+        torch.testing.assert_close(logits(model, idx), logits(plain, idx), rtol=0, atol=1e-6)
+    assert len(calls) == 3 and model.pooled_cache.misses == 10
+    for idx in ([9, 3, 5], [0, 8], [7, 1, 2, 6, 4]):
+        torch.testing.assert_close(logits(model, idx), logits(plain, idx), rtol=0, atol=1e-5)
+    assert len(calls) == 3 and model.pooled_cache.hits == 10
+    feats.append({**feats[2], "input_ids": feats[2]["input_ids"][::-1]})  # same length, new tokens
+    torch.testing.assert_close(logits(model, [10, 2]), logits(plain, [10, 2]), rtol=0, atol=1e-5)
+    assert len(calls) == 4
+    model.train()  # a backbone in train mode (dropout) is never served from the cache
+    model.head.eval()
+    logits(model, [0, 1])
+    assert len(calls) == 5
+
+
+def test_no_feature_cache_and_heads_that_do_not_pool():
+    assert make_method("linear-probe", cache_features=False).attach(bert_model()).pooled_cache is None
+    bb = BERT(BERTConfig(vocab_size=53, max_position_embeddings=16, n_layer=2, n_head=2, n_embd=32))
+    for task, kw in (("tokens", {"num_labels": 3}), ("qa", {})):
+        assert LinearProbe().attach(TaskModel(bb, make_head(task, bb, **kw))).pooled_cache is None

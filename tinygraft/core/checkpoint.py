@@ -33,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -223,14 +224,6 @@ class Checkpoint:
         return int(self.trainer_state["step"])
 
 
-def read_json(path: Path) -> dict:
-    """A checkpoint's JSON file, or one sentence naming it as corrupt."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinygraftError(f"checkpoint file {str(path)!r} is corrupt (not valid JSON: {e})") from None
-
-
 def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
@@ -244,7 +237,7 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
     for fname in REQUIRED:
         if not (step_dir / fname).is_file():
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
-    state = read_json(step_dir / TRAINER_STATE)
+    state = read_json(step_dir / TRAINER_STATE, "checkpoint file")
     blobs = {}
     for fname, digest in state.get("files", {}).items():
         fpath = step_dir / fname
@@ -265,5 +258,5 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
         if OPTIMIZER_TENSORS not in blobs:
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {OPTIMIZER_TENSORS} is missing")
         tensors = _read_tensors(step_dir / OPTIMIZER_TENSORS, blobs[OPTIMIZER_TENSORS])
-        optimizer = optimizer_from_files(tensors, read_json(step_dir / OPTIMIZER_JSON))
-    return Checkpoint(step_dir, model, state, read_json(step_dir / CONFIG_FILE), optimizer)
+        optimizer = optimizer_from_files(tensors, read_json(step_dir / OPTIMIZER_JSON, "checkpoint file"))
+    return Checkpoint(step_dir, model, state, read_json(step_dir / CONFIG_FILE, "checkpoint file"), optimizer)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 from tinygraft.core.lora import (
     DEFAULT_ADAPTER,
     _candidates,
@@ -84,10 +85,7 @@ def read_adapter_config(directory) -> dict:
     if not path.is_file():
         raise TinygraftError(f"no {CONFIG_NAME} in {directory}; an adapter directory holds {CONFIG_NAME} and "
                              f"{WEIGHTS_NAME}")  # fmt: skip
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TinygraftError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    config = read_json(path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise TinygraftError(f"{path} holds a {config['peft_type']} adapter; tinygraft loads LoRA adapters only")
     for key, default in UNSUPPORTED.items():

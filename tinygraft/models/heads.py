@@ -311,6 +311,7 @@ class TaskModel(nn.Module):
             raise TinygraftError("the instruct task trains a GPT (a causal language model); this checkpoint is a BERT")
         self.backbone = backbone
         self.head = head
+        self.pooled_cache: PooledCache | None = None  # a linear probe sets one (train/finetune_methods.py)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -322,10 +323,16 @@ class TaskModel(nn.Module):
         mask = batch.get("attention_mask" + suffix)
         if mask is None:
             mask = torch.ones_like(ids)
+        token_types = batch.get("token_type_ids" + suffix)
+        if self.pooled_cache is not None and not self.backbone.training:
+            return self.pooled_cache.features(self.run_backbone, ids, mask, token_types)
+        return self.run_backbone(ids, mask, token_types)
+
+    def run_backbone(self, ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None) -> Features:
         if self.family == "gpt":
             # Causal attention with right padding: real tokens never see the pads after them, so no mask is needed.
             return Features(self.backbone.hidden_states(ids), mask, None, self.backbone.lm_head)
-        out = self.backbone(ids, mask, batch.get("token_type_ids" + suffix))
+        out = self.backbone(ids, mask, token_types)
         pooled = out.pooled if self.backbone.pooler is not None else None
         return Features(out.last_hidden_state, mask, pooled, None)
 
@@ -333,6 +340,43 @@ class TaskModel(nn.Module):
         if self.head.pair_inputs:
             return self.head((self.encode(batch, "_a"), self.encode(batch, "_b")), batch)
         return self.head(self.encode(batch), batch)
+
+
+class PooledCache:
+    """Each example's pooled features from a frozen backbone in eval mode, keyed by its real tokens.
+
+    A linear probe's backbone never changes and runs without dropout, so an example pools to the same vector every
+    epoch: computing it once leaves later epochs (and every later evaluation) with the head's own work. One C-vector
+    per example is kept, so only pooling heads (classify, similarity) use it; token and span heads read every
+    position. A batch with an example not yet seen runs the backbone whole, exactly as without the cache; a cached
+    vector computed beside other pads differs from a fresh one only by float rounding (~1e-7).
+
+    The cached Features hold the pooled vector as a one-token sequence: every pooling of it returns the vector.
+    """
+
+    def __init__(self, pooling: str):
+        self.pooling = pooling
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def features(self, run_backbone, ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None):
+        keys = self._keys(ids, mask, token_types)
+        if all(k in self.store for k in keys):
+            vec = torch.stack([self.store[k] for k in keys])
+            self.hits += len(keys)
+        else:
+            vec = pool(run_backbone(ids, mask, token_types), self.pooling).detach()
+            self.misses += len(keys)
+            for k, v in zip(keys, vec):
+                self.store.setdefault(k, v.clone())  # a clone: the batch's (B, C) tensor is not kept alive
+        one = torch.ones(vec.shape[0], 1, dtype=mask.dtype, device=mask.device)
+        return Features(vec[:, None, :], one, vec if self.pooling == "pooler" else None, None)
+
+    @staticmethod
+    def _keys(ids, mask, token_types) -> list[bytes]:
+        rows = torch.stack([ids, token_types if token_types is not None else torch.zeros_like(ids)], 1).cpu()
+        keep = mask.bool().cpu()
+        return [rows[i][:, keep[i]].numpy().tobytes() for i in range(rows.shape[0])]
 
 
 def hidden_size(backbone: nn.Module) -> int:

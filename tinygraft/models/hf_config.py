@@ -6,12 +6,12 @@ other key (`_name_or_path`, `transformers_version`, `dtype`, `use_cache`, genera
 keys of newer versions) is accepted and returned as "unused", for `tinygraft info` to list.
 """
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 from tinygraft.core.layers import ACTIVATIONS
 from tinygraft.models.bert import BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
@@ -39,13 +39,7 @@ def read_config(path: str | Path) -> dict:
     file = path / CONFIG
     if not file.is_file():
         raise TinygraftError(f"'{path}' holds no config.json, so it is not a Hugging Face model directory")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinygraftError(f"'{file}' is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise TinygraftError(f"'{file}' holds a JSON {type(raw).__name__}, not an object")
-    return raw
+    return read_json(file, "model config")
 
 
 def family_of(raw: dict, where: str) -> str:

@@ -10,7 +10,6 @@ that order; then optional L2 normalisation.
 """
 
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 from tinygraft.models import hf
 from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.models.gpt import GPT
@@ -88,12 +88,10 @@ def read_pooling(path: str | Path) -> Pooling:
 
 
 def _read_json(path: Path, default):
+    """A sentence-transformers file, or `default` when the directory has none."""
     if not path.is_file():
         return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinygraftError(f"'{path}' is not valid JSON ({e})") from None
+    return read_json(path, "sentence-transformers file", list if isinstance(default, list) else dict)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: list[str]) -> torch.Tensor:

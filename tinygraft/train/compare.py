@@ -64,8 +64,8 @@ def to_argv(a) -> list[str]:
         if f.name in ("out", "method", "seed", "lr", "overwrite") or value == getattr(defaults, f.name):
             continue
         flag = "--from" if f.name == "from_" else "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
+        if isinstance(value, bool):  # (only a non-default value gets here)
+            argv += [flag] if value else ["--no-" + f.name.replace("_", "-")]
         elif value is not None:
             argv += [flag, str(value)]
     return argv

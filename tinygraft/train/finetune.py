@@ -30,6 +30,7 @@ import torch
 
 from tinygraft.core import labeled as L
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 from tinygraft.models.heads import TaskModel, make_head
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.finetune_methods import (
@@ -94,6 +95,7 @@ class FinetuneArgs:
     doc_stride: int | None = None  # QA window overlap; None: min(128, max_length // 4)
     # method settings
     top_k: int | None = None
+    feature_cache: bool = True  # linear-probe: pooled features computed once per example, then read from memory
     unfreeze_every: int | None = None  # None: one epoch, or steps / units when that is shorter
     layer_lr_decay: float | None = None
     lora_r: int | None = None
@@ -322,6 +324,7 @@ def method_settings(a: FinetuneArgs, default_every: int) -> dict:
         "k": a.top_k,
         "every": a.unfreeze_every or default_every,
         "layer_lr_decay": a.layer_lr_decay,
+        "cache_features": a.feature_cache,
         "r": a.lora_r,
         "alpha": a.lora_alpha,
         "dropout": a.lora_dropout,
@@ -442,6 +445,9 @@ def finetune(a: FinetuneArgs):
     results = dict(outcome.results)
     trainable, total = trainable_summary(model)
     results["trainable_params_max"] = trainable  # gradual unfreezing ends with more than it started
+    if model.pooled_cache is not None:  # linear-probe: how often the frozen backbone was skipped
+        c = model.pooled_cache
+        results["feature_cache"] = {"examples": len(c.store), "hits": c.hits, "misses": c.misses}
     results["eval_seconds"] = timer["eval_seconds"]
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
@@ -483,10 +489,11 @@ def check_same_run(resume, config: dict, a: FinetuneArgs, digests: dict) -> None
         if side in saved and saved[side] != digest:
             raise TinygraftError(f"the {side} file '{getattr(a, side)}' changed since the checkpoint was written, so "
                                  "the run cannot continue exactly; restore it or start a new run")  # fmt: skip
-    # (the base's path may move with its environment; its architecture and the head may not change)
+    # The base's path may move with its environment and a setting newer than the run is absent from its config;
+    # the architecture, the head, the labels and the method may not change.
     old, new = _flatten(resume.config), _flatten(json.loads(json.dumps(config)))
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "base"
-                    and not k.endswith(".device"))  # fmt: skip
+    same = {k for k in old.keys() & new.keys() if old[k] == new[k] or k == "base" or k.endswith(".device")}
+    differ = sorted(old.keys() & new.keys() - same)
     if differ:
         raise TinygraftError(f"the rebuilt run differs from the checkpoint's in {', '.join(differ[:5])} (did the base "
                              "model change?); it cannot continue exactly")  # fmt: skip
@@ -516,4 +523,4 @@ def results_json(run: str | Path) -> dict:
     path = Path(run) / "results.json"
     if not path.is_file():
         raise TinygraftError(f"'{run}' holds no results.json (did the run finish?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, "results file")

@@ -54,6 +54,8 @@ def add_finetune_flags(p: argparse.ArgumentParser, compare: bool = False) -> Non
     d("--max-score", type=float, default=5.0, help="similarity: the label scale (STS-B 0..5)")
     d("--doc-stride", type=int, help="QA: overlap of the context windows")
     d("--top-k", type=int, help="top-k: blocks that train (default 2)")
+    d("--no-feature-cache", dest="feature_cache", action="store_false",
+      help="linear-probe: run the frozen backbone on every batch instead of caching each example's pooled features")
     d("--unfreeze-every", type=int, help="gradual-unfreeze: steps between unfreezing two groups "
       "(default: one epoch, or steps / groups if shorter)")
     d("--layer-lr-decay", type=float,

@@ -134,9 +134,26 @@ class FullFinetune(BlockMethod):
 
 
 class LinearProbe(BlockMethod):
-    """Only the head trains; the backbone is frozen and in eval mode, so dropout never touches its features."""
+    """Only the head trains; the backbone is frozen and in eval mode, so dropout never touches its features.
+
+    With `cache_features` a pooling head (classify, similarity) reads each example's pooled features from a cache
+    after the backbone's first pass over it (models/heads.py: PooledCache): epoch 2 on costs the head alone.
+    """
 
     name = "linear-probe"
+
+    def __init__(self, layer_lr_decay: float | None = None, cache_features: bool = True):
+        super().__init__(layer_lr_decay)
+        self.cache_features = cache_features
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        model = super().attach(model)
+        pooling = getattr(model.head, "pooling", None)
+        if self.cache_features and pooling is not None and hasattr(model, "pooled_cache"):
+            from tinygraft.models.heads import PooledCache
+
+            model.pooled_cache = PooledCache(pooling)
+        return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return [{"params": list(model.head.parameters()), "lr_scale": 1.0, "name": "head"}]
@@ -224,8 +241,8 @@ def default_lr(name: str) -> float:
 def make_method(name: str, **settings) -> Method:
     """A method by name. Settings it does not use are ignored, so one dict of CLI settings serves every method:
 
-    layer_lr_decay (all but lora), k (top-k), every (gradual-unfreeze), r / alpha / dropout / targets /
-    use_rslora (lora).
+    layer_lr_decay (all but lora), k (top-k), every (gradual-unfreeze), cache_features (linear-probe), r / alpha /
+    dropout / targets / use_rslora (lora).
     """
     name, implied = canonical(name)
     s = {**settings, **implied}
@@ -233,7 +250,7 @@ def make_method(name: str, **settings) -> Method:
     if name == "full":
         return FullFinetune(decay)
     if name == "linear-probe":
-        return LinearProbe(decay)
+        return LinearProbe(decay, s.get("cache_features", True))
     if name == "top-k":
         return TopK(2 if s.get("k") is None else int(s["k"]), decay)
     if name == "gradual-unfreeze":

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinygraft.core import checkpoint
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 from tinygraft.core.lora import (
     ALL_LINEAR,
     LoRASettings,
@@ -88,7 +88,7 @@ def read_base_record(step_dir: str | Path) -> dict:
     path = Path(step_dir) / BASE_FILE
     if not path.is_file():
         raise TinygraftError(f"checkpoint {str(step_dir)!r} has no {BASE_FILE}, so it is not a LoRA checkpoint")
-    return checkpoint.read_json(path)
+    return read_json(path, "LoRA base record")
 
 
 def _load_report(model: nn.Module):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tinygraft.core import checkpoint
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -66,10 +67,7 @@ class RunDir:
         path = self.path / CONFIG
         if not path.is_file():
             raise TinygraftError(f"{str(self.path)!r} holds no config.json")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TinygraftError(f"{str(path)!r} is not valid JSON ({e})") from None
+        return read_json(path, "run config")
 
     def log(self, row: dict) -> None:
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
