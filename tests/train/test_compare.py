@@ -61,6 +61,26 @@ def test_compare_table_json_chart_and_reuse(env, tmp_path, capsys):
     assert full["seeds"] == [0, 1] and full["std"] == pytest.approx(mean_std(full["values"])[1])
 
 
+def test_compare_resumes_a_run_stopped_part_way_with_its_own_flags(env, tmp_path, capsys):
+    """A run compare started and Ctrl-C stopped at step 1 goes on from its checkpoint (and ends where a straight run
+    ends); a stopped run with other flags (another lr) is started over."""
+    straight, out = tmp_path / "straight", tmp_path / "cmp"
+    assert run([*base(env, straight), "--methods", "full,top-1", "--seeds", "0"], capsys)[0] == 0
+    as_compare = ["finetune", "--from", env["bert"], "--train", env["train"], "--val", env["val"], "--steps", 2,
+                  "--batch-size", 8, "--max-length", 32, "--seed", 0, "--stop-at", 1]  # fmt: skip
+    lr_full = repr(DEFAULT_LR["full"])
+    assert run([*as_compare, "--method", "full", "--lr", lr_full, "--out", out / "full" / "seed-0"], capsys)[0] == 0
+    assert run([*as_compare, "--method", "top-1", "--lr", "0.5", "--out", out / "top-1" / "seed-0"], capsys)[0] == 0
+    code, _, err = run([*base(env, out), "--methods", "full,top-1", "--seeds", "0"], capsys)
+    assert code == 0, err
+    assert "resuming" in (out / "logs" / "full-seed-0.log").read_text()
+    assert "resuming" not in (out / "logs" / "top-1-seed-0.log").read_text()
+    for m in ("full", "top-1"):
+        a, b = (json.loads((d / m / "seed-0" / "results.json").read_text()) for d in (straight, out))
+        assert b["status"] == "completed" and b["step"] == 2 and b["lr"] == a["lr"]
+        assert b["metrics"] == pytest.approx(a["metrics"], abs=1e-5)
+
+
 def test_compare_bad_input_is_one_sentence_exit_2(env, tmp_path, capsys):
     out = tmp_path / "bad"
     code, _, err = run([*base(env, out), "--methods", "full,bogus"], capsys)

@@ -10,9 +10,10 @@ permutation depends on the seed alone, not on the method) and the number of step
 each method runs at its own documented default (finetune_methods.DEFAULT_LR), overridden for all by `--lr` or per
 method by `--lr-for lora=1e-3`: one lr for all would misjudge the methods that need larger steps.
 
-A finished run (its results.json says completed) is reused when compare is run again, so an interrupted compare
-continues where it stopped; `--overwrite` re-runs everything. Writes OUT/compare.md, compare.json, compare.png and
-each run under OUT/<method>/seed-<seed>/ (logs in OUT/logs/).
+A finished run (its results.json says completed or early-stopped) is reused when compare is run again, and a run
+stopped part-way with the very flags compare would give it continues from its last checkpoint (`finetune --resume`),
+so an interrupted compare goes on where it stopped; `--overwrite` re-runs everything. Writes OUT/compare.md,
+compare.json, compare.png and each run under OUT/<method>/seed-<seed>/ (logs in OUT/logs/).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from tinygraft.core.checkpoint import atomic_write
+from tinygraft.core.checkpoint import atomic_write, list_steps
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import read_json
+from tinygraft.train.finetune import run_settings
 from tinygraft.train.finetune_methods import default_lr, make_method
 
 
@@ -72,14 +75,19 @@ def to_argv(a) -> list[str]:
 
 
 def run_one(base_argv: list[str], method: str, seed: int, lr: float, out: Path, log: Path, threads: int | None,
-            overwrite: bool) -> dict:  # fmt: skip
+            overwrite: bool, intended: dict) -> dict:  # fmt: skip
+    """One finetune process: reused when finished, resumed when stopped with the same flags, else (re)started.
+    `intended` is the `finetune` section the run's config.json holds when it was started with these flags."""
     results = out / "results.json"
     if results.is_file() and not overwrite:
-        done = json.loads(results.read_text(encoding="utf-8"))
-        if done.get("status") == "completed" and done.get("lr") == lr:
+        done = read_json(results, "results file")
+        if done.get("status") in ("completed", "early-stopped") and done.get("lr") == lr:
             return done
-    cmd = [sys.executable, "-m", "tinygraft", "finetune", *base_argv, "--method", method,
-           "--seed", str(seed), "--lr", repr(lr), "--out", str(out), "--overwrite"]  # fmt: skip
+    if not overwrite and _resumable(out, intended):
+        cmd = [sys.executable, "-m", "tinygraft", "finetune", "--out", str(out), "--resume"]
+    else:
+        cmd = [sys.executable, "-m", "tinygraft", "finetune", *base_argv, "--method", method,
+               "--seed", str(seed), "--lr", repr(lr), "--out", str(out), "--overwrite"]  # fmt: skip
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -92,7 +100,17 @@ def run_one(base_argv: list[str], method: str, seed: int, lr: float, out: Path, 
         lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {code}"
         raise TinygraftError(f"the {method} run (seed {seed}) failed: {last.removeprefix('error: ')} (log: {log})")
-    return json.loads(results.read_text(encoding="utf-8"))
+    return read_json(results, "results file")
+
+
+def _resumable(out: Path, intended: dict) -> bool:
+    """A run stopped part-way (Ctrl-C, a killed process) with a checkpoint and exactly the flags compare gives it."""
+    if not (out / "config.json").is_file() or not list_steps(out / "checkpoints"):
+        return False
+    try:
+        return read_json(out / "config.json", "run config").get("finetune") == intended
+    except TinygraftError:
+        return False
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -185,8 +203,9 @@ def compare(a, methods: list[str], seeds: list[int], lr_for: dict[str, float], t
     for seed in seeds:
         for m in methods:
             i += 1
+            intended = run_settings(dataclasses.replace(a, method=m, seed=seed, lr=lrs[m]))
             r = run_one(base_argv, m, seed, lrs[m], out / m / f"seed-{seed}", out / "logs" / f"{m}-seed-{seed}.log",
-                        threads, a.overwrite)  # fmt: skip
+                        threads, a.overwrite, intended)  # fmt: skip
             runs[m].append(r)
             secs = r.get("train_seconds_excl_eval", r["train_seconds"])
             value = r["metrics"].get(r["metric"], float("nan"))

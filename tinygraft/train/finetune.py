@@ -112,6 +112,11 @@ class FinetuneArgs:
 INVOCATION = ("out", "overwrite", "resume", "stop_at", "device")
 
 
+def run_settings(a: FinetuneArgs) -> dict:
+    """What config.json saves of the arguments (everything but the invocation): what --resume restores."""
+    return {k: v for k, v in dataclasses.asdict(a).items() if k not in INVOCATION}
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -402,7 +407,7 @@ def finetune(a: FinetuneArgs):
         "kind": "finetune",
         "task": a.task,
         "method": a.method,
-        "finetune": {k: v for k, v in dataclasses.asdict(a).items() if k not in INVOCATION},
+        "finetune": run_settings(a),
         "train": dataclasses.asdict(cfg),
         "method_settings": getattr(method, "describe", lambda: {})(),
         "head": head_desc,
