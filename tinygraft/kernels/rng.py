@@ -65,6 +65,10 @@ def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
     return _keep(_mix32_int32_(x), p)
 
 
+# Eager under torch.compile: the seed changes every step, so dynamo turns it into a symbolic int, and inductor's CPU
+# code generator then vectorises this integer hash as float arithmetic (C++ that does not compile, torch 2.13). The
+# mask is the same either way; only the multiply that applies it is worth fusing, and that stays in the graph.
+@torch.compiler.disable
 def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
     """Keep-mask for a contiguous tensor of `shape`, element index = row-major position."""
     n = 1
@@ -79,6 +83,7 @@ def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> 
     return _keep(_mix32_int32_(_mix32_int32_(x)), p).reshape(shape)
 
 
+@torch.compiler.disable  # a host-side draw: run eagerly rather than warn about a graph break on `.item()`
 def new_seed(generator: torch.Generator | None = None) -> int:
     """A fresh seed from torch's RNG, so seeding torch makes dropout reproducible."""
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
