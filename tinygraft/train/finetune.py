@@ -32,7 +32,7 @@ from tinygraft.core import labeled as L
 from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
 from tinygraft.models.heads import TaskModel, make_head
-from tinygraft.train.config import TrainConfig
+from tinygraft.train.config import TrainConfig, flatten
 from tinygraft.train.finetune_methods import (
     BlockMethod,
     GradualUnfreeze,
@@ -496,22 +496,12 @@ def check_same_run(resume, config: dict, a: FinetuneArgs, digests: dict) -> None
                                  "the run cannot continue exactly; restore it or start a new run")  # fmt: skip
     # The base's path may move with its environment and a setting newer than the run is absent from its config;
     # the architecture, the head, the labels and the method may not change.
-    old, new = _flatten(resume.config), _flatten(json.loads(json.dumps(config)))
+    old, new = flatten(resume.config), flatten(json.loads(json.dumps(config)))
     same = {k for k in old.keys() & new.keys() if old[k] == new[k] or k == "base" or k.endswith(".device")}
     differ = sorted(old.keys() & new.keys() - same)
     if differ:
         raise TinygraftError(f"the rebuilt run differs from the checkpoint's in {', '.join(differ[:5])} (did the base "
                              "model change?); it cannot continue exactly")  # fmt: skip
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _add_early_stop(job, patience: int, eval_every: int) -> None:
