@@ -26,3 +26,15 @@ def test_values_and_each_failure_in_one_sentence(tmp_path):
         with pytest.raises(TinygraftError) as e:
             read_json(path, "run config", expect)
         assert str(e.value).startswith(message.format(path)) and "\n" not in str(e.value)
+
+
+def test_jsonl_objects_number_lines_and_name_the_bad_one():
+    from tinygraft.core.jsonfile import jsonl_objects
+
+    assert jsonl_objects('{"a": 1}\n\n  \n{"b": [2]}\n', "x") == [(1, {"a": 1}), (4, {"b": [2]})]
+    assert jsonl_objects("", "x") == []
+    for text, message in (('{"a": 1}\n{"a": \n', "data 'f' line 2 is not valid JSON ("),
+                          ('{"a": 1}\n[1, 2]\n', "data 'f' line 2 is not a JSON object")):  # fmt: skip
+        with pytest.raises(TinygraftError) as e:
+            jsonl_objects(text, "data 'f'")
+        assert str(e.value).startswith(message)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import jsonl_objects
 from tinygraft.core.tokenizer import TextTokenizer, tokenizer_json_sha256
 
 TEXT_GLOBS = ("*.txt", "*.md", "*.jsonl")
@@ -91,14 +91,8 @@ def _read_file(file: Path, text_field: str) -> list[str]:
     if file.suffix != ".jsonl":
         return [text]
     documents = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise TinygraftError(f"line {line_no} of corpus file '{file}' is not valid JSON") from None
-        if not isinstance(record, dict) or text_field not in record:
+    for line_no, record in jsonl_objects(text, f"corpus file '{file}'"):
+        if text_field not in record:
             raise TinygraftError(f"line {line_no} of corpus file '{file}' has no {text_field!r} field")
         if not isinstance(record[text_field], str):
             raise TinygraftError(f"line {line_no} of corpus file '{file}': field {text_field!r} is not a string")

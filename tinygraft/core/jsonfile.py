@@ -1,7 +1,8 @@
-"""Reading a JSON file we were handed, or failing with one sentence that names the file.
+"""Reading JSON we were handed, or failing with one sentence that names the file (and the line).
 
-Every reader of a config, a checkpoint's state, an adapter config or a results file goes through `read_json`, so a
-damaged file reads the same everywhere: "<what> '<path>' is not valid JSON (<where the parser stopped>)".
+Every reader of a config, a checkpoint's state, an adapter config or a results file goes through `read_json`, and
+every reader of JSON Lines data (corpora, labeled examples, texts to embed) through `jsonl_objects`, so a damaged
+file reads the same everywhere: "<what> '<path>' is not valid JSON (<where the parser stopped>)".
 """
 
 import json
@@ -32,3 +33,19 @@ def read_json(path: str | Path, what: str, expect: type | None = dict) -> Any:
         got, wanted = JSON_NAMES[type(value)], JSON_NAMES[expect]
         raise TinygraftError(f"{what} '{path}' holds {got}, not {wanted}")
     return value
+
+
+def jsonl_objects(text: str, name: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSON Lines `text`; `name` names the source in errors."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TinygraftError(f"{name} line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise TinygraftError(f"{name} line {n} is not a JSON object")
+        rows.append((n, row))
+    return rows

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import jsonl_objects
 from tinygraft.core.tokenizer import TextTokenizer
 
 DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
@@ -100,18 +101,7 @@ def _read_json_rows(path: Path) -> list[tuple[int, dict]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise TinygraftError(f"{path} must hold a JSON array of objects (one per example)")
         return [(i + 1, r) for i, r in enumerate(data)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TinygraftError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise TinygraftError(f"{path} line {n} is not a JSON object")
-        rows.append((n, row))
-    return rows
+    return jsonl_objects(text, str(path))
 
 
 def require_columns(path: str | Path, columns: Sequence[str], wanted: Iterable[str | None]) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from tinygraft.core.checkpoint import atomic_write
 from tinygraft.core.errors import TinygraftError
+from tinygraft.core.jsonfile import jsonl_objects
 from tinygraft.models import hf
 from tinygraft.models.pretrained import Pooling, load_pretrained, resolve_pretrained, sentence_embeddings
 
@@ -23,28 +24,22 @@ from tinygraft.models.pretrained import Pooling, load_pretrained, resolve_pretra
 def read_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
     """Lines of a file (or stdin for None / '-'); a .jsonl file gives each object's `text_field`."""
     if source is None or str(source) == "-":
-        lines, name, jsonl = sys.stdin.read().splitlines(), "stdin", False
+        text, name, jsonl = sys.stdin.read(), "stdin", False
     else:
         path = Path(source)
         if not path.is_file():
             raise TinygraftError(f"input file '{path}' does not exist")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise TinygraftError(f"input file '{path}' is not UTF-8 text") from None
         name, jsonl = str(path), path.suffix == ".jsonl"
     if not jsonl:
-        texts = [line for line in lines if line.strip()]
+        texts = [line for line in text.splitlines() if line.strip()]
     else:
         texts = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise TinygraftError(f"line {i} of '{name}' is not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+        for i, row in jsonl_objects(text, f"'{name}'"):
+            if not isinstance(row.get(text_field), str):
                 raise TinygraftError(f"line {i} of '{name}' has no string field {text_field!r}")
             texts.append(row[text_field])
     if not texts:
