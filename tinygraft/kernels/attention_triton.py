@@ -67,6 +67,19 @@ def _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S
 
 
 @triton.jit
+def _key_range(start_m, S, off_causal, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block at start_m: keys [0, full) are visible to every row of the block, [full, hi) need the
+    mask, [hi, S) are hidden. `full` is a multiple of BLOCK_N, so the unmasked loop reads whole tiles."""
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off_causal, 0), S)
+        full = tl.minimum(tl.maximum(start_m + off_causal + 1, 0), S) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
 def _visible(offs_m, offs_n, S, off_causal, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) True where query i may see key j: inside S and, if causal, j <= i + (S - T)."""
     visible = offs_n[None, :] < S
@@ -129,14 +142,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Pad,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # Keys [0, full) are visible to every row of the block; [full, hi) need the mask; [hi, S) are hidden.
     off_causal = S - T
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off_causal, 0), S)
-        full = tl.minimum(tl.maximum(start_m + off_causal + 1, 0), S) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, S, off_causal, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
                                   stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key,
@@ -329,12 +336,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Pad,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     off_causal = S - T
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off_causal, 0), S)
-        full = tl.minimum(tl.maximum(start_m + off_causal + 1, 0), S) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, S, off_causal, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base, stride_ks, stride_kd,
                       stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
