@@ -2,9 +2,10 @@
 and with the reference path, and a KV-cache decode step through the kernel equals the full forward.
 
 Only attention's dispatch is switched (the other kernels keep their default path), so a difference here is the
-attention kernel's. Tolerance rule (DESIGN.md section 5): the kernel model's error against the float64 reference
-model is at most twice the fp32 reference model's error, plus two fp32 ulps at the largest magnitude of the output
-(for the output) or of all gradients (for a gradient): the key bias's true gradient is exactly 0 (softmax ignores
+attention kernel's. Tolerance rule (tests/kernels/tolerance.py): the kernel model's error against the float64
+reference model is at most twice the fp32 reference model's error (floored at the rounding error of a sum over the
+sequence and the width), plus two fp32 ulps at the largest magnitude of the output (for the output) or of all
+gradients (for a gradient): the key bias's true gradient is exactly 0 (softmax ignores
 a per-row constant), so there both paths give pure rounding noise at the scale of the other gradients.
 """
 
@@ -16,6 +17,8 @@ import torch
 from tinygraft.kernels import attention, attention_triton
 from tinygraft.models.bert import BERT, BERTConfig
 from tinygraft.models.gpt import GPT, GPTConfig
+
+from .tolerance import assert_rule
 
 
 @pytest.fixture
@@ -38,14 +41,10 @@ def use_kernel(monkeypatch):
     assert kernel_calls, "the Triton kernel never ran"
 
 
-def _max_err(a, ref):
-    return (a.double() - ref).abs().max().item()
-
-
-def _check_close(name, ours, theirs, ref, scale=None):
+def _check_close(name, ours, theirs, ref, scale=None, k=64):
+    """k: the longest sum behind a value in these small models (a sequence of up to 37 tokens, a width of 32 or 64)."""
     atol = 2 * torch.finfo(torch.float32).eps * (scale if scale is not None else ref.abs().max().item())
-    err, budget = _max_err(ours, ref), 2 * _max_err(theirs, ref) + atol
-    assert err <= budget, f"{name}: kernel model error {err:.3g} > 2 x reference's {_max_err(theirs, ref):.3g}"
+    assert_rule(name, ours, theirs, ref, torch.float32, k, scale=scale, atol=atol)
 
 
 def _compare(run, model, device):
@@ -63,7 +62,6 @@ def _compare(run, model, device):
 
 
 def test_gpt_same_logits_and_grads(use_kernel, device):
-    torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32))
     idx = torch.randint(0, 97, (2, 37), device=device)
     grad = torch.randn(2, 37, 97, device=device, dtype=torch.float64)
@@ -81,7 +79,6 @@ def test_gpt_same_logits_and_grads(use_kernel, device):
 def test_bert_same_outputs_and_grads_with_padding_and_attention_dropout(use_kernel, device):
     """Train mode with attention dropout (the counter-based mask is the same on both paths and in float64), one
     sequence partly padded and one fully padded (its rows see no key: zeros, not NaN)."""
-    torch.manual_seed(0)
     config = BERTConfig(vocab_size=97, max_position_embeddings=64, n_layer=2, n_head=2, n_embd=32,
                         intermediate_size=64, dropout=0.0, attention_dropout=0.1)
     model = BERT(config).train()
@@ -104,7 +101,6 @@ def test_bert_same_outputs_and_grads_with_padding_and_attention_dropout(use_kern
 
 
 def test_kv_cache_decode_through_the_kernel_equals_full_forward(use_kernel, device):
-    torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=64)).to(device).eval()
     idx = torch.randint(0, 97, (2, 21), device=device)
     with torch.no_grad():

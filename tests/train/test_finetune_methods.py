@@ -182,7 +182,6 @@ def test_gradual_unfreeze_with_a_parameter_free_head_starts_with_the_top_block()
 def test_linear_probe_feature_cache_gives_the_uncached_outputs_without_the_backbone(family, pooling):
     """Epoch 1 runs the backbone and fills the cache; epoch 2, batched differently, reads every example from it (no
     block runs) and gives the logits the uncached model gives those same batches; an unseen example runs it again."""
-    torch.manual_seed(0)
     model = bert_model(pooling) if family == "bert" else gpt_model(pooling)
     plain = copy.deepcopy(model).eval()
     method = LinearProbe()
