@@ -2,11 +2,12 @@
 
 Tolerance rule (tests/kernels/tolerance.py): for the output and each of dQ, dK, dV, the kernel's max error against
 float64 `attention_reference` is at most twice the error of the same reference run by PyTorch in the kernel's dtype
-(floored at the rounding error of a sum over the keys, or the queries, and the head dim), plus an atol: two ulps at 1.0 of the dtype, and the fp32 rounding of one length-D dot product of the inputs
-(eps_fp32 * sqrt(D) * max|input|). The second term is FlashAttention-2's delta identity: the kernel's
-dS = P (dP - delta) cancels dP_ij = dO_i . V_j against delta_i = dO_i . O_i, and where the softmax is nearly
-one-hot (S = 1, heavy padding) those are nearly equal fp32 sums of D products in different orders, while PyTorch's
-softmax backward sums dP * P over the keys and cancels exactly (with S = 1 the true dQ and dK are exactly 0).
+(floored at the rounding error of a sum over the keys, or the queries, and the head dim), plus an atol: two ulps at
+1.0 of the dtype, and the fp32 rounding of one length-D dot product of the inputs (eps_fp32 * sqrt(D) * max|input|).
+The second term is FlashAttention-2's delta identity: the kernel's dS = P (dP - delta) cancels dP_ij = dO_i . V_j
+against delta_i = dO_i . O_i, and where the softmax is nearly one-hot (S = 1, heavy padding) those are nearly equal
+fp32 sums of D products in different orders, while PyTorch's softmax backward sums dP * P over the keys and cancels
+exactly (with S = 1 the true dQ and dK are exactly 0).
 Dropout runs on both sides with the same seed: the counter-based mask gives both paths the same bits.
 """
 
