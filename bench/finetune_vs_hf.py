@@ -37,7 +37,7 @@ REFERENCE = {"transformers_accuracy_seed0": 0.822, "transformers_seconds_seed0_2
 
 def subset_file(tmp: Path, n: int) -> Path:
     """The fixed random subset of the training file, written as its own TSV."""
-    from tinygraft.core.labeled import read_labeled
+    from tinygraft.data.labeled import read_labeled
     from tinygraft.train.finetune import subset
 
     rows = subset(read_labeled(DATA / "train.tsv", "sentence", "label"), n)
@@ -63,7 +63,7 @@ def run_tinygraft(train: Path, seed: int, args, tmp: Path) -> dict:
 def run_transformers(train: Path, seed: int, args) -> dict:
     import transformers as tf
 
-    from tinygraft.core import labeled as L
+    from tinygraft.data import labeled as L
     from tinygraft.models.pretrained import load_pretrained, minilm_path
 
     tok = load_pretrained("minilm").tokenizer
@@ -112,7 +112,7 @@ def interleaved_steps(train: Path, args, n: int) -> dict:
     with torch's fused AdamW, which is what tinygraft's loop steps with on a CPU."""
     import transformers as tf
 
-    from tinygraft.core import labeled as L
+    from tinygraft.data import labeled as L
     from tinygraft.models.heads import TaskModel, make_head
     from tinygraft.models.pretrained import minilm_path
     from tinygraft.train.finetune import load_base

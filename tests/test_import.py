@@ -85,7 +85,7 @@ def test_forcing_triton_without_it_is_one_sentence():
     out = _run_without_triton(
         """
         import torch
-        from tinygraft.core.errors import TinygraftError
+        from tinygraft.errors import TinygraftError
         from tinygraft.kernels.bias_gelu import bias_gelu
 
         try:

@@ -5,8 +5,10 @@ Importing tinygraft never imports Triton (or transformers): the Triton paths imp
 
 __version__ = "0.1.0"
 
-from tinygraft.core.errors import TinygraftError  # noqa: E402
-from tinygraft.core.lora import (  # noqa: E402
+from tinygraft.errors import TinygraftError  # noqa: E402
+from tinygraft.kernels.lora import lora_linear  # noqa: E402
+from tinygraft.peft.files import load_adapter, save_adapter  # noqa: E402
+from tinygraft.peft.lora import (  # noqa: E402
     LoRALinear,
     add_lora,
     lora_state_dict,
@@ -14,8 +16,6 @@ from tinygraft.core.lora import (  # noqa: E402
     unload_lora,
     unmerge_lora,
 )
-from tinygraft.core.lora_io import load_adapter, save_adapter  # noqa: E402
-from tinygraft.kernels.lora import lora_linear  # noqa: E402
 
 __all__ = [
     "TinygraftError",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinygraft.core import checkpoint
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 
 def _model_and_optimizer():

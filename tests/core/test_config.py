@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 
 from tinygraft.core.config import apply_overrides, from_dict, load_toml, to_dict
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import GPTConfig, get_preset
 
 

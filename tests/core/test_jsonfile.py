@@ -2,8 +2,8 @@
 
 import pytest
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.errors import TinygraftError
 
 
 def test_values_and_each_failure_in_one_sentence(tmp_path):

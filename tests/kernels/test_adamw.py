@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinygraft.core.checkpoint import optimizer_from_files, optimizer_to_files
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import adamw as adamw_mod
 from tinygraft.kernels.adamw import FusedAdamW
 

@@ -18,7 +18,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import attention
 from tinygraft.kernels.attention import attention_reference, flash_attention
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import backend
 
 

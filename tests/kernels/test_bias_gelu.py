@@ -11,7 +11,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.bias_gelu import bias_gelu, bias_gelu_reference
 
 from .tolerance import assert_rule

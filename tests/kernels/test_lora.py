@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import rng
 from tinygraft.kernels.lora import dropout_keep, lora_linear, lora_linear_reference
 

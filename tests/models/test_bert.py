@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import BERT, BERTConfig, BERTForMaskedLM
 
 

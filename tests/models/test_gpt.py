@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import GPT, GPTConfig, build_model, get_preset
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.heads import (
@@ -334,8 +334,8 @@ def test_token_and_qa_heads_match_transformers():
 
 def test_tiny_classifier_overfits_through_the_data_path():
     """Readers' features -> LabeledBatcher -> TaskModel -> AdamW: the glue trains (loss near zero on 6 texts)."""
-    from tinygraft.core.labeled import Example, LabeledBatcher, LabelMap, encode_classification
-    from tinygraft.core.tokenizer import TextTokenizer
+    from tinygraft.data.labeled import Example, LabeledBatcher, LabelMap, encode_classification
+    from tinygraft.data.tokenizer import TextTokenizer
 
     texts = ["a charming film", "bleak and desperate", "often affecting", "labored gags", "a fine journey", "no wit"]
     labels = ["pos", "neg", "pos", "neg", "pos", "neg"]

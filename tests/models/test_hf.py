@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import BERT, GPT, BERTForMaskedLM, hf
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (dev extra)")
@@ -339,7 +339,7 @@ def test_shape_mismatch(saved, tmp_path):
 
 
 def test_tokenizer_that_does_not_belong(saved, tmp_path):
-    from tinygraft.core.tokenizer import TextTokenizer
+    from tinygraft.data.tokenizer import TextTokenizer
 
     path = edited(saved["bert"][1], tmp_path)
     big = TextTokenizer.train(["a few words of text, enough for a tokenizer"] * 20, "bpe", vocab_size=300)

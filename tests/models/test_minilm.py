@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import BERT, BERTForMaskedLM, hf
 from tinygraft.models.pretrained import Pooling, load_pretrained, minilm_path, pool, read_pooling, sentence_embeddings
 

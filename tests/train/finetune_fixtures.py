@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from tinygraft.core.demo_data import build_demo_task
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.demo import build_demo_task
+from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.models.bert import BERT, BERTConfig
 from tinygraft.models.gpt import GPT, GPTConfig
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from tinygraft.core import checkpoint
-from tinygraft.core.data import TokenCache, read_corpus
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.corpus import TokenCache, read_corpus
+from tinygraft.data.tokenizer import TextTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ import torch
 
 from tinygraft.__main__ import main
 from tinygraft.core import checkpoint
-from tinygraft.core.data import TokenCache, read_corpus
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.corpus import TokenCache, read_corpus
+from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.train.pretrain import unigram_entropy
 
 REPO = Path(__file__).resolve().parents[2]

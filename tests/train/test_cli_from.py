@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from tinygraft.__main__ import main
 from tinygraft.core import checkpoint
-from tinygraft.core.batching import MLMBatcher, eval_batches
-from tinygraft.core.data import TokenCache, read_corpus
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.batching import MLMBatcher, eval_batches
+from tinygraft.data.corpus import TokenCache, read_corpus
+from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.models import hf
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the source checkpoints (dev extra)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.models.pretrained import load_pretrained, sentence_embeddings
 from tinygraft.train.embed import embed_command, read_texts

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import collate
+from tinygraft.data.labeled import collate
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT, BERTConfig
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.heads import TaskModel, make_head

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinygraft.core import checkpoint
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.lora import lora_layers, lora_state_dict
-from tinygraft.core.lora_io import read_adapter_config
+from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.models.bert import BERT, BERTConfig
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.heads import TaskModel, make_head
+from tinygraft.peft.files import read_adapter_config
+from tinygraft.peft.lora import lora_layers, lora_state_dict
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.export import export_adapter, export_command, export_run
 from tinygraft.train.loop import Job, seed_everything, train

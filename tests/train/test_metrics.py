@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.train.metrics import (
     TaskScorer,
     accuracy,
@@ -115,8 +115,8 @@ def test_task_scorer_from_model_outputs():
     # token-weighted mean loss (3 ln 2 + 5 ln 2) / 4 = 2 ln 2 -> perplexity 4
     assert lm.result()["perplexity"] == pytest.approx(4.0)
 
-    from tinygraft.core.labeled import LabelMap
-    from tinygraft.core.ner_data import TaggedSentence
+    from tinygraft.data.labeled import LabelMap
+    from tinygraft.data.ner import TaggedSentence
 
     tags = LabelMap(["O", "B-PER", "I-PER"])
     sents = [TaggedSentence(["Peter", "Blackburn", "went"], ["B-PER", "I-PER", "O"], 1)]

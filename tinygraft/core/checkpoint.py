@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.errors import TinygraftError
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"

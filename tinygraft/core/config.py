@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 
 def _type_name(tp) -> str:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "a boolean", type(None): "null"}  # fmt: skip

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import backend_for
 
 _LOW = (torch.float16, torch.bfloat16)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import backend, rng
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)

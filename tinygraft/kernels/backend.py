@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 BACKENDS = ("triton", "reference")
 

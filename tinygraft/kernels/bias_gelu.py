@@ -20,7 +20,7 @@ glue, the public function and the reference.
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import backend_for
 
 APPROXIMATIONS = ("tanh", "none")

@@ -23,7 +23,7 @@ up to 128). On CUDA the Triton path runs, elsewhere the reference below; TINYGRA
 import torch
 import torch.nn.functional as F
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels import backend, rng
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

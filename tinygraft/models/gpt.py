@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention
+from tinygraft.errors import TinygraftError
 
 
 class CausalSelfAttention(nn.Module):

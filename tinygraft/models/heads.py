@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.models.gpt import GPT
 

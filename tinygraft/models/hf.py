@@ -30,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.layers import init_weights
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.hf_config import CONFIG, config_from_hf, config_to_hf, family_of, read_config  # noqa: F401
@@ -366,7 +366,7 @@ def has_tokenizer(path: str | Path) -> bool:
 
 def load_tokenizer(path: str | Path, config: GPTConfig | BERTConfig | None = None):
     """The TextTokenizer beside a checkpoint, checked against its config."""
-    from tinygraft.core.tokenizer import TextTokenizer
+    from tinygraft.data.tokenizer import TextTokenizer
 
     path = Path(path)
     tok = TextTokenizer.load(path)

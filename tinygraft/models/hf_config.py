@@ -10,9 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
 from tinygraft.core.layers import ACTIVATIONS
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 

@@ -1,6 +1,6 @@
 """Named model sizes. Every head dim is in {16, 32, 64, 128}, the sizes the attention kernel is built for."""
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.models.gpt import GPT

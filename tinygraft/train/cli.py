@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.train.lora_cli import add_lora_arguments
 
 INTERRUPTED = 130  # the shell's code for "ended by SIGINT"

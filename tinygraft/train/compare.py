@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from tinygraft.core.checkpoint import atomic_write, list_steps
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.errors import TinygraftError
 from tinygraft.train.finetune import run_settings
 from tinygraft.train.finetune_methods import default_lr, make_method
 

@@ -10,7 +10,7 @@ its model settings are the source's, and only the settings in `FROM_TUNABLE` may
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 # What may differ between a checkpoint's config and a resumed run's; anything else is refused by name, because it
 # would change the schedule, the data or the model and the run would no longer continue the one it resumes.

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from tinygraft.core.checkpoint import atomic_write
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import jsonl_objects
+from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.models.pretrained import Pooling, load_pretrained, resolve_pretrained, sentence_embeddings
 

@@ -6,7 +6,7 @@ token of that corpus, read with the checkpoint's tokenizer.
 
 import torch
 
-from tinygraft.core.data import TokenCache, read_corpus
+from tinygraft.data.corpus import TokenCache, read_corpus
 from tinygraft.models.presets import family
 from tinygraft.train.loop import resolve_device
 from tinygraft.train.pretrain import causal_lm_eval, load_trained, mlm_eval, positions

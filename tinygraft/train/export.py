@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 
 
@@ -57,7 +57,7 @@ def is_lora_checkpoint(step_dir: Path) -> bool:
 def _lora_trained(run: str | Path, which: str):
     """(model with its adapter attached, tokenizer or None, checkpoint, notes) of a LoRA run's checkpoint."""
     from tinygraft.core import checkpoint
-    from tinygraft.core.tokenizer import TextTokenizer
+    from tinygraft.data.tokenizer import TextTokenizer
     from tinygraft.train.lora_method import load_lora_model, read_base_record
 
     ckpt = checkpoint.load(run, which, with_optimizer=False)
@@ -77,7 +77,7 @@ def export_run(run: str | Path, to: str | Path, which: str | None = None, overwr
     """Write the run's checkpoint into `to`; returns what was written (for the CLI to print). `merged=True` insists
     the run is a LoRA run (whose adapter is merged into the base either way)."""
     from tinygraft.core import checkpoint
-    from tinygraft.core.lora import lora_layers, unload_lora
+    from tinygraft.peft.lora import lora_layers, unload_lora
     from tinygraft.train.pretrain import load_trained
 
     to = Path(to)
@@ -118,8 +118,8 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
     import json
 
     from tinygraft.core import checkpoint
-    from tinygraft.core.lora_io import CONFIG_NAME, save_adapter
     from tinygraft.models.gpt import GPT
+    from tinygraft.peft.files import CONFIG_NAME, save_adapter
     from tinygraft.train.lora_method import read_base_record
 
     to = Path(to)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from tinygraft.core import labeled as L
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.data import labeled as L
+from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import TaskModel, make_head
 from tinygraft.train.config import TrainConfig, flatten
 from tinygraft.train.finetune_methods import (
@@ -211,11 +211,11 @@ def read_examples(a: FinetuneArgs, path: str, labeled: bool = True):
     """A file's examples for the task (labels read when `labeled`)."""
     text, pair, label = columns(a)
     if a.task == "tokens":
-        from tinygraft.core.ner_data import read_tagged
+        from tinygraft.data.ner import read_tagged
 
         return read_tagged(path, text, label if labeled else None)
     if a.task == "qa":
-        from tinygraft.core.qa_data import read_qa_table, read_squad
+        from tinygraft.data.qa import read_qa_table, read_squad
 
         if Path(path).suffix == ".json":  # SQuAD; one file for both sides is split by article
             by_article = path == a.train and (a.val is None or Path(a.val) == Path(a.train))
@@ -230,7 +230,7 @@ def read_examples(a: FinetuneArgs, path: str, labeled: bool = True):
 
 def read_val(a: FinetuneArgs, train_path: str):
     if a.task == "qa" and Path(train_path).suffix == ".json" and (a.val is None or Path(a.val) == Path(train_path)):
-        from tinygraft.core.qa_data import read_squad
+        from tinygraft.data.qa import read_squad
 
         return read_squad(train_path, "val")  # the same file, the other articles
     if a.val is None:
@@ -240,11 +240,11 @@ def read_val(a: FinetuneArgs, train_path: str):
 
 def encode(a: FinetuneArgs, examples, tokenizer, label_map, source: str) -> list[dict]:
     if a.task == "tokens":
-        from tinygraft.core.ner_data import encode_tagged
+        from tinygraft.data.ner import encode_tagged
 
         return encode_tagged(examples, tokenizer, a.max_length, label_map, source)
     if a.task == "qa":
-        from tinygraft.core.qa_data import make_qa_features
+        from tinygraft.data.qa import make_qa_features
 
         stride = a.doc_stride if a.doc_stride is not None else min(128, a.max_length // 4)
         return make_qa_features(examples, tokenizer, a.max_length, stride, min(64, a.max_length // 2))
@@ -257,7 +257,7 @@ def encode(a: FinetuneArgs, examples, tokenizer, label_map, source: str) -> list
 
 def build_label_map(a: FinetuneArgs, train_examples, loaded_head=None, loaded_map=None):
     if a.task == "tokens":
-        from tinygraft.core.ner_data import tag_label_map
+        from tinygraft.data.ner import tag_label_map
 
         built = tag_label_map(train_examples)
     elif a.task == "classify" and a.problem != "regression":
@@ -275,7 +275,7 @@ def prepare_data(a: FinetuneArgs, tokenizer, loaded=None) -> TaskData:
     if train_path is None:
         if a.task != "classify":
             raise TinygraftError(f"the {a.task} task needs --train FILE; only classify has a built-in demo")
-        from tinygraft.core.demo_data import write_demo_task
+        from tinygraft.data.demo import write_demo_task
 
         train_path, val_path = write_demo_task(Path(a.out) / "demo_data")
         a.train, a.val, a.text_col, a.label_col = str(train_path), str(val_path), "text", "label"

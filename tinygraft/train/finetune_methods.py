@@ -33,7 +33,7 @@ import re
 
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.train.methods import Method
 
 # Learning rates each method starts from unless --lr / --lr-for says otherwise. Full fine-tuning moves every weight

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tinygraft.core import checkpoint
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.methods import Method
 from tinygraft.train.optim import build_optimizer, lr_at, param_groups, set_lr

@@ -2,7 +2,7 @@
 
 import argparse
 
-from tinygraft.core.lora import ALL_LINEAR
+from tinygraft.peft.lora import ALL_LINEAR
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:

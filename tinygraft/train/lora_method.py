@@ -2,7 +2,7 @@
 
     attach          add_lora(...) on the model (on the backbone of a TaskModel); every base weight frozen
     param_groups    [lora A/B weights] + [the task head's weights] (peft's `modules_to_save`)
-    state_dict      the adapter (`<path>.lora_A.weight`, as core.lora.lora_state_dict) + `head.*`: no base weights
+    state_dict      the adapter (`<path>.lora_A.weight`, as peft.lora.lora_state_dict) + `head.*`: no base weights
     extra_files     adapter_config.json (peft's) and base.json (where the base came from, and its sha256)
 
 A checkpoint of a LoRA run is a few hundred kilobytes, not a model: the base is read again from the path in
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
-from tinygraft.core.lora import (
+from tinygraft.errors import TinygraftError
+from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
+from tinygraft.peft.lora import (
     ALL_LINEAR,
     LoRASettings,
     add_lora,
@@ -33,7 +34,6 @@ from tinygraft.core.lora import (
     lora_parameters,
     lora_state_dict,
 )
-from tinygraft.core.lora_io import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.train.methods import Method, register
 
 BASE_FILE = "base.json"

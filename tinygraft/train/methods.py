@@ -20,7 +20,7 @@ it). Fine-tuning methods (linear-probe, top-k, gradual unfreeze, discriminative 
 import torch
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 
 class Method:

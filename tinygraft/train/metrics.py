@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.ner_data import word_predictions
-from tinygraft.core.qa_data import postprocess_qa
+from tinygraft.data.ner import word_predictions
+from tinygraft.data.qa import postprocess_qa
+from tinygraft.errors import TinygraftError
 
 PRIMARY = {
     "classify": "accuracy",

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 
 def no_decay_ids(model: nn.Module) -> set[int]:

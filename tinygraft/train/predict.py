@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from tinygraft.core import checkpoint
-from tinygraft.core import labeled as L
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data import labeled as L
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import TaskModel, make_head
 
 TABLES = (".tsv", ".csv", ".jsonl", ".json")
@@ -113,13 +113,13 @@ def read_inputs(ft: Finetuned, source: str | None):
     text_col, pair_col, _ = (a.get("text_col") or COLUMNS[task][0], a.get("text_pair_col") or COLUMNS[task][1], None)
     table = source not in (None, "-") and Path(source).suffix in TABLES
     if task == "tokens":
-        from tinygraft.core.ner_data import TaggedSentence, read_tagged
+        from tinygraft.data.ner import TaggedSentence, read_tagged
 
         if source not in (None, "-") and Path(source).suffix != ".txt":
             return read_tagged(source, text_col, None)
         return [TaggedSentence(line.split(), None, i + 1) for i, line in enumerate(read_lines(source))]
     if task == "qa":
-        from tinygraft.core.qa_data import QAExample, read_qa_table, read_squad
+        from tinygraft.data.qa import QAExample, read_qa_table, read_squad
 
         if table and Path(source).suffix == ".json":
             return read_squad(source)
@@ -147,11 +147,11 @@ def predict(ft: Finetuned, source: str | None, batch_size: int = 64, max_new_tok
     if task == "instruct":
         return [_complete(model, tok, ex.text, max_length, max_new_tokens, device) for ex in examples]
     if task == "tokens":
-        from tinygraft.core.ner_data import encode_tagged
+        from tinygraft.data.ner import encode_tagged
 
         feats = encode_tagged(examples, tok, max_length)
     elif task == "qa":
-        from tinygraft.core.qa_data import make_qa_features
+        from tinygraft.data.qa import make_qa_features
 
         stride = a.get("doc_stride") or min(128, max_length // 4)
         feats = make_qa_features(examples, tok, max_length, stride, min(64, max_length // 2))
@@ -189,13 +189,13 @@ def _format(ft: Finetuned, task: str, examples, feats, outs) -> list[dict]:
         scores = torch.cat([o["scores"] for o, _ in outs])
         rows = [{"text": ex.text, "text_pair": ex.text_pair, "score": float(s)} for ex, s in zip(examples, scores)]
     elif task == "tokens":
-        from tinygraft.core.ner_data import word_predictions
+        from tinygraft.data.ner import word_predictions
 
         preds = [(p, w) for o, b in outs for p, w in zip(o["logits"].argmax(-1).tolist(), b["word_ids"])]
         for sent, (p, w) in zip(examples, preds):
             rows.append({"words": sent.words, "tags": word_predictions(p, w, len(sent.words), ft.label_map)})
     elif task == "qa":
-        from tinygraft.core.qa_data import postprocess_qa
+        from tinygraft.data.qa import postprocess_qa
 
         starts, ends = [], []
         for o, b in outs:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from tinygraft.core import checkpoint
-from tinygraft.core.batching import CausalLMBatcher, MLMBatcher, eval_batches
-from tinygraft.core.data import TokenCache, read_corpus
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.batching import CausalLMBatcher, MLMBatcher, eval_batches
+from tinygraft.data.corpus import TokenCache, read_corpus
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
 from tinygraft.models.presets import build_model, family
 from tinygraft.train import config as C

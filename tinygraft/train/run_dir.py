@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 from tinygraft.core import checkpoint
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
+from tinygraft.errors import TinygraftError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

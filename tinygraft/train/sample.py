@@ -2,7 +2,7 @@
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.models.presets import family
 from tinygraft.train.loop import resolve_device
 from tinygraft.train.pretrain import load_trained

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tinygraft.core import checkpoint
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _from_huggingface(path: Path, new_head: bool) -> Source:
 
 
 def from_run(path: Path) -> Source:
-    from tinygraft.core.lora import lora_layers, unload_lora
+    from tinygraft.peft.lora import lora_layers, unload_lora
     from tinygraft.train.pretrain import load_trained
 
     config = checkpoint.load(path, with_optimizer=False).config

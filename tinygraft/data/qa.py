@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import read_rows, require_columns
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.labeled import read_rows, require_columns
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import jsonl_objects
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 JSON_SUFFIXES = (".jsonl", ".json")

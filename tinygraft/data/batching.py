@@ -19,8 +19,8 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 IGNORE_INDEX = -100  # labels the loss skips (torch cross_entropy's default ignore_index)
 

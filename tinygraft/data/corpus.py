@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import jsonl_objects
-from tinygraft.core.tokenizer import TextTokenizer, tokenizer_json_sha256
+from tinygraft.data.tokenizer import TextTokenizer, tokenizer_json_sha256
+from tinygraft.errors import TinygraftError
 
 TEXT_GLOBS = ("*.txt", "*.md", "*.jsonl")
 CACHE_FORMAT = "tinygraft-token-cache-v1"  # bump when the file layout changes: old files then simply miss

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tinygraft.core.data import default_corpus
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import BERT_SPECIALS, EOT, TextTokenizer, tokenizer_json_sha256
+from tinygraft.data.corpus import default_corpus
+from tinygraft.data.tokenizer import BERT_SPECIALS, EOT, TextTokenizer, tokenizer_json_sha256
+from tinygraft.errors import TinygraftError
 
 UNICODE_TEXTS = [
     "naïve café — crème brûlée, Œuvre; ß ≠ ss",

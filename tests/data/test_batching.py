@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tinygraft.core.batching import IGNORE_INDEX, CausalLMBatcher, MLMBatcher, eval_batches
-from tinygraft.core.data import TokenCache, default_corpus
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.batching import IGNORE_INDEX, CausalLMBatcher, MLMBatcher, eval_batches
+from tinygraft.data.corpus import TokenCache, default_corpus
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 
 @pytest.fixture(autouse=True)

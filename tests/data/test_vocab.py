@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
-from tinygraft.core.vocab import extend_vocab
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.data.vocab import extend_vocab
+from tinygraft.errors import TinygraftError
 from tinygraft.models import BERT, GPT, BERTConfig, BERTForMaskedLM, GPTConfig, hf
 
 TEXT = [

@@ -15,7 +15,7 @@ This module knows nothing of tinygraft.models: it finds the word embedding by `g
 import torch
 from torch import nn
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 EMBEDDING_NAMES = ("wte", "word_embeddings", "embed_tokens")
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from tinygraft.core.data import TEXT_GLOBS, TokenCache, default_cache_dir, default_corpus, read_corpus, token_dtype
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.corpus import TEXT_GLOBS, TokenCache, default_cache_dir, default_corpus, read_corpus, token_dtype
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 
 @pytest.fixture(autouse=True)

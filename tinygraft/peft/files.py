@@ -15,9 +15,9 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from tinygraft.core.errors import TinygraftError
 from tinygraft.core.jsonfile import read_json
-from tinygraft.core.lora import (
+from tinygraft.errors import TinygraftError
+from tinygraft.peft.lora import (
     DEFAULT_ADAPTER,
     _candidates,
     add_lora,

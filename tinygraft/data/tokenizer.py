@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 EOT = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -146,7 +146,7 @@ class TextTokenizer:
         return self._tok.token_to_id(token)
 
     def add_tokens(self, tokens: list[str]) -> int:
-        """Add whole tokens (never split again); returns how many were new. See core.vocab.extend_vocab."""
+        """Add whole tokens (never split again); returns how many were new. See data.vocab.extend_vocab."""
         return self._tok.add_tokens(list(tokens))
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -298,9 +298,3 @@ def tokenizer_json_sha256(tokenizer: TextTokenizer) -> str:
     canonical = json.dumps(json.loads(tokenizer.to_json()), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-
-def extend_vocab(model, tokenizer: TextTokenizer, new_tokens: list[str], embedding=None) -> dict[str, int]:
-    """Add domain tokens to a tokenizer and a model; see tinygraft.core.vocab (imported late: vocab imports us)."""
-    from tinygraft.core.vocab import extend_vocab as _extend
-
-    return _extend(model, tokenizer, new_tokens, embedding=embedding)

@@ -26,7 +26,7 @@ import sysconfig
 from collections import defaultdict
 from pathlib import Path
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 
 PACKAGES = ("asyncio", "email", "importlib", "logging", "unittest", "xml")
 

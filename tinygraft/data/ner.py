@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import (
+from tinygraft.data.labeled import (
     LabelMap,
     read_rows,
     require_columns,
 )
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 from collections import Counter
 
-from tinygraft.core.demo_data import PACKAGES, build_demo_task, first_paragraph, write_demo_task
-from tinygraft.core.labeled import LabelMap, read_labeled
+from tinygraft.data.demo import PACKAGES, build_demo_task, first_paragraph, write_demo_task
+from tinygraft.data.labeled import LabelMap, read_labeled
 
 
 def test_demo_task_is_deterministic_balanced_and_disjoint(tmp_path):

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import collate
-from tinygraft.core.qa_data import (
+from tinygraft.data.labeled import collate
+from tinygraft.data.qa import (
     QAExample,
     best_span,
     make_qa_features,
@@ -16,7 +15,8 @@ from tinygraft.core.qa_data import (
     read_squad,
     split_articles,
 )
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 from tinygraft.train.metrics import squad_metrics
 
 CONTEXT = (
@@ -124,7 +124,7 @@ def test_real_squad_split_and_gold_round_trip(shared_data):
 def test_task_scorer_qa_from_padded_batches(tok):
     import torch
 
-    from tinygraft.core.labeled import eval_batches
+    from tinygraft.data.labeled import eval_batches
     from tinygraft.train.metrics import TaskScorer
 
     exs = [example("Denver Broncos"), example("Santa Clara, California", "Where was it played?")]

@@ -13,7 +13,7 @@ Typical use:
 
     n_trainable = add_lora(model, targets=["query", "value"], r=8, alpha=16)   # everything else frozen
     ...train...
-    save_adapter(model, "out/adapter")          # tinygraft.core.lora_io: peft reads it
+    save_adapter(model, "out/adapter")          # tinygraft.peft.files: peft reads it
     merge_lora(model)                           # fold B @ A into the base weights for inference
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinygraft.core.errors import TinygraftError
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.lora import lora_linear
 
 DEFAULT_ADAPTER = "default"

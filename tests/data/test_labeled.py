@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import (
+from tinygraft.data.labeled import (
     Example,
     LabeledBatcher,
     LabelMap,
@@ -22,7 +21,8 @@ from tinygraft.core.labeled import (
     read_labeled,
     read_rows,
 )
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 CORPUS = [
     "the film is a charming and often affecting journey",

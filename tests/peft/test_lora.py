@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.lora import (
+from tinygraft.errors import TinygraftError
+from tinygraft.peft.files import CONFIG_NAME, adapter_config, load_adapter, read_adapter_config, save_adapter
+from tinygraft.peft.lora import (
     LoRALinear,
     add_lora,
     load_lora_state_dict,
@@ -22,7 +23,6 @@ from tinygraft.core.lora import (
     unload_lora,
     unmerge_lora,
 )
-from tinygraft.core.lora_io import CONFIG_NAME, adapter_config, load_adapter, read_adapter_config, save_adapter
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference zoo (pip install .[dev])")
 peft = pytest.importorskip("peft", reason="peft is the reference LoRA implementation (pip install .[dev])")
@@ -296,8 +296,8 @@ def test_compiled_model_keeps_the_fused_op_in_one_graph(monkeypatch):
 
 def test_all_linear_leaves_our_tied_output_heads_alone():
     """Adapting a decoder tied to the input embeddings would change the embeddings too when merged."""
-    from tinygraft.core.lora import add_lora, lora_layers
     from tinygraft.models import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
+    from tinygraft.peft.lora import add_lora, lora_layers
 
     bert = BERTForMaskedLM(BERTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, intermediate_size=40))
     gpt = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32))

@@ -2,9 +2,8 @@
 
 import pytest
 
-from tinygraft.core.errors import TinygraftError
-from tinygraft.core.labeled import collate
-from tinygraft.core.ner_data import (
+from tinygraft.data.labeled import collate
+from tinygraft.data.ner import (
     TaggedSentence,
     align_words,
     dump_conll,
@@ -13,7 +12,8 @@ from tinygraft.core.ner_data import (
     tag_label_map,
     word_predictions,
 )
-from tinygraft.core.tokenizer import TextTokenizer
+from tinygraft.data.tokenizer import TextTokenizer
+from tinygraft.errors import TinygraftError
 
 CORPUS = ["EU rejects German call to boycott British lamb .", "Peter Blackburn went to Brussels ."] * 3
 

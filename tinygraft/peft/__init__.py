@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters on any nn.Module, and peft's file layout for them."""
