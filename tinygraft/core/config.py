@@ -3,6 +3,11 @@
 Every config in tinygraft is a dataclass with commented defaults. These helpers build one from a dict (a TOML file,
 a saved `config.json`) and refuse anything they do not understand, naming it: an unknown key, or a value of the
 wrong type, is a `TinygraftError`, never a silently ignored setting.
+
+The settings a command line shows (a method's, a task's, a job's) are declared with `setting(default, help)`: the
+default and the one-line help live on the field, and the command's flags are generated from them (tinygraft/cli/
+flags.py), so no default is written twice. The flag is `--<field-name>` (underscores as dashes) unless `flag=` names
+another; a boolean that defaults to True is turned off with `--no-<flag>`.
 """
 
 import dataclasses
@@ -14,6 +19,19 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from tinygraft.errors import TinygraftError
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, factory=None) -> Any:
+    """A dataclass field that a command line shows: its default, its help, and (optionally) its flag's name."""
+    metadata = {"help": help, "flag": flag}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a `setting` field, without the leading dashes."""
+    return f.metadata.get("flag") or f.name.replace("_", "-")
 
 
 def _type_name(tp) -> str:

@@ -17,15 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
-from tinygraft.peft.lora import (
-    DEFAULT_ADAPTER,
-    _candidates,
-    add_lora,
-    load_lora_state_dict,
-    lora_layers,
-    lora_settings,
-    lora_state_dict,
-)
+from tinygraft.peft.adapters import DEFAULT_ADAPTER, candidates
+from tinygraft.peft.lora import add_lora, load_lora_state_dict, lora_layers, lora_settings, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,7 +37,7 @@ def _compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
     """peft `target_modules`: the last names of the wrapped paths when they pick out exactly those layers, else the
     full paths (a list entry matches a path equal to it or ending in "." + it, in peft as here)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    picked = {n for n in _candidates(model) if any(n == leaf or n.endswith("." + leaf) for leaf in leaves)}
+    picked = {n for n in candidates(model) if any(n == leaf or n.endswith("." + leaf) for leaf in leaves)}
     return leaves if picked == set(paths) else sorted(paths)
 
 

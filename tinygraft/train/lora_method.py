@@ -25,10 +25,11 @@ from torch import nn
 
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
+from tinygraft.peft.adapters import parse_targets
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.peft.lora import (
     ALL_LINEAR,
-    LoRASettings,
+    LoRAConfig,
     add_lora,
     load_lora_state_dict,
     lora_parameters,
@@ -39,24 +40,6 @@ from tinygraft.train.methods import Method, register
 BASE_FILE = "base.json"
 HEAD = "head."  # a TaskModel's head parameters, saved whole
 _NAMES = re.compile(r"^[\w.]+(,[\w.]+)*$")  # "c_attn,c_proj": module-name suffixes, not a regex
-
-
-def parse_targets(targets: str | Sequence[str]) -> str | list[str]:
-    """"all-linear" | "c_attn,c_proj" (names a module path ends with) | any other string: a regex on the full path."""
-    if not isinstance(targets, str):
-        return list(targets)
-    targets = targets.strip()
-    if targets == ALL_LINEAR:
-        return ALL_LINEAR
-    if _NAMES.match(targets.replace(" ", "")):
-        return targets.replace(" ", "").split(",")
-    try:
-        re.compile(targets)
-    except re.error as e:
-        raise TinygraftError(
-            f"LoRA targets {targets!r} is neither a list of module names nor a valid regex ({e})"
-        ) from None
-    return targets
 
 
 # ---------------------------------------------------------------------------------------------------- the base
@@ -120,7 +103,7 @@ class LoRAMethod(Method):
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  targets: str | Sequence[str] = ALL_LINEAR, use_rslora: bool = False,
                  base_path: str | Path | None = None, base_sha256: str | None = None):  # fmt: skip
-        self.settings = LoRASettings(int(r), float(alpha), float(dropout), bool(use_rslora))  # validates now
+        self.settings = LoRAConfig(int(r), float(alpha), float(dropout), use_rslora=bool(use_rslora))  # validates now
         self.targets = parse_targets(targets)
         self.base_path = str(Path(base_path).resolve()) if base_path is not None else None
         self.base_sha256 = base_sha256  # set: the checkpoint's record, checked in attach
