@@ -6,7 +6,7 @@
 Bytes moved per step = 28 per parameter (read param, grad, exp_avg, exp_avg_sq; write param, exp_avg,
 exp_avg_sq, fp32); with bf16 master weights also 28 (fp32 master + moments, bf16 grad read and param written).
 The ceiling is the device's copy bandwidth, measured in the same run (bytes read + written).
-Goal on an H100 (DESIGN.md section 7): >= 85% of copy bandwidth and faster than torch's fused AdamW.
+Goal on an H100: >= 85% of copy bandwidth and faster than torch's fused AdamW.
 """
 
 import argparse
@@ -70,9 +70,18 @@ def main(argv=None):
             opt = make(params)
             t = time_fn(opt.step, device=device, warmup=3, repeats=args.repeats)
             gbps = 28 * n_params / (t.median_ms * 1e-3) / 1e9
-            res.add(size=size, params_m=round(n_params / 1e6, 1), impl=name, dtype=str(dtype).removeprefix("torch."),
-                    ms=t.median_ms, ms_p20=t.p20_ms, ms_p80=t.p80_ms, repeats=t.repeats, gbps=gbps,
-                    pct_copy=100 * gbps / ceiling)  # fmt: skip
+            res.add(
+                size=size,
+                params_m=round(n_params / 1e6, 1),
+                impl=name,
+                dtype=str(dtype).removeprefix("torch."),
+                ms=t.median_ms,
+                ms_p20=t.p20_ms,
+                ms_p80=t.p80_ms,
+                repeats=t.repeats,
+                gbps=gbps,
+                pct_copy=100 * gbps / ceiling,
+            )
             del opt, params
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -4,7 +4,7 @@
     python -m bench.attention --seq 2048 --dims 128 --modes fwd+bwd
 
 Shapes follow FlashAttention-2's benchmark: a fixed budget of tokens per batch (B = tokens / T) and a fixed hidden
-size (H = hidden / D). FLOPs (DESIGN.md section 7): forward 4*B*H*T*S*D, halved when causal; backward 2.5x the
+size (H = hidden / D). FLOPs: forward 4*B*H*T*S*D, halved when causal; backward 2.5x the
 forward, so forward+backward counts 3.5x. Implementations: `tinygraft` (flash_attention; the backend line says
 which path ran), `sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math` (each forced with `sdpa_kernel`), and
 `eager` (the naive matmul-softmax-matmul reference). A backend that cannot run a shape gets a row saying why;
@@ -56,8 +56,14 @@ def run_case(res, dev, impl, mode, B, H, T, D, causal, dtype, max_score_gib, bud
     flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0) * (1.0 if mode == "fwd" else 3.5)
     row = dict(mode=mode, D=D, causal=causal, T=T, B=B, H=H, impl=impl)
     if impl in ("eager", "sdpa-math") and _score_gib(B, H, T, dtype) > max_score_gib:
-        return res.add(**row, ms=None, tflops=None, peak_mb=None, max_err=None,
-                       note=f"skipped: {_score_gib(B, H, T, dtype):.1f} GiB score matrix")
+        return res.add(
+            **row,
+            ms=None,
+            tflops=None,
+            peak_mb=None,
+            max_err=None,
+            note=f"skipped: {_score_gib(B, H, T, dtype):.1f} GiB score matrix",
+        )
     gen = torch.Generator(device=dev).manual_seed(T * D)
     q, k, v, do = (torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=gen) for _ in range(4))
     for t in (q, k, v):
@@ -76,15 +82,16 @@ def run_case(res, dev, impl, mode, B, H, T, D, causal, dtype, max_score_gib, bud
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         return res.add(**row, ms=None, tflops=None, peak_mb=None, max_err=None, note=str(e).splitlines()[0][:80])
-    return res.add(**row, ms=t.median_ms, tflops=flops / (t.median_ms * 1e-3) / 1e12, peak_mb=peak,
-                   max_err=max_err, note="")
+    return res.add(
+        **row, ms=t.median_ms, tflops=flops / (t.median_ms * 1e-3) / 1e12, peak_mb=peak, max_err=max_err, note=""
+    )
 
 
 def plot(res, modes, dims) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
     panels = [(m, d, c) for m in modes for d in dims for c in (False, True)]
     cols = 4 if len(panels) >= 4 else len(panels)
@@ -114,8 +121,9 @@ def main(argv=None):
     ap.add_argument("--seq", default="512,1024,2048,4096,8192,16384" if gpu else "64,128")
     ap.add_argument("--dims", default="64,128" if gpu else "64")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--impls", default=",".join(["tinygraft", *SDPA_BACKENDS, "eager"]) if gpu else
-                    "tinygraft,sdpa-math,eager")
+    ap.add_argument(
+        "--impls", default=",".join(["tinygraft", *SDPA_BACKENDS, "eager"]) if gpu else "tinygraft,sdpa-math,eager"
+    )
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16" if gpu else "fp32")
     ap.add_argument("--tokens", type=int, default=16384 if gpu else 256, help="B = tokens // T")
     ap.add_argument("--hidden", type=int, default=2048 if gpu else 128, help="H = hidden // D")
@@ -125,9 +133,17 @@ def main(argv=None):
     seqs, dims = [int(s) for s in args.seq.split(",")], [int(d) for d in args.dims.split(",")]
     modes, impls, dtype = args.modes.split(","), args.impls.split(","), DTYPES[args.dtype]
 
-    res = Results("attention", dev, notes={"dtype": args.dtype, "tokens": args.tokens, "hidden": args.hidden,
-                                           "flops": "fwd 4*B*H*T*S*D (causal /2); fwd+bwd 3.5x fwd",
-                                           "max_err": "max |out - SDPA with torch's own backend choice|"})
+    res = Results(
+        "attention",
+        dev,
+        notes={
+            "dtype": args.dtype,
+            "tokens": args.tokens,
+            "hidden": args.hidden,
+            "flops": "fwd 4*B*H*T*S*D (causal /2); fwd+bwd 3.5x fwd",
+            "max_err": "max |out - SDPA with torch's own backend choice|",
+        },
+    )
     for mode in modes:
         for D in dims:
             for causal in (False, True):

@@ -1,4 +1,4 @@
-"""The one benchmark harness every bench/ script uses (DESIGN.md section 5).
+"""The one benchmark harness every bench/ script uses (README: Benchmarks).
 
     from bench.common import Results, bench_device, copy_bandwidth, peak_memory_mb, time_fn
 
@@ -30,7 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
+
+from tinygraft.kernels.backend import describe
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _L2_FLUSH_BYTES = 256 * 2**20
@@ -58,15 +61,19 @@ def device_slug(device: torch.device) -> str:
 
 def versions() -> dict:
     try:
-        import triton
+        import triton  # noqa: PLC0415 (Triton is there only where a GPU is)
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    import numpy
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "numpy": numpy.__version__, "cuda": torch.version.cuda}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -178,11 +185,15 @@ class Results:
     """Rows of one benchmark, with the device and versions they were measured on."""
 
     def __init__(self, bench: str, device=None, notes: dict | None = None):
-        from tinygraft.kernels.backend import describe
-
         self.device = device or bench_device()
-        self.data = {"bench": bench, "device": device_name(self.device), "versions": versions(),
-                     "backend": describe(), "notes": dict(notes or {}), "rows": []}  # fmt: skip
+        self.data = {
+            "bench": bench,
+            "device": device_name(self.device),
+            "versions": versions(),
+            "backend": describe(),
+            "notes": dict(notes or {}),
+            "rows": [],
+        }
         self.rows = self.data["rows"]
         self.dir = RESULTS_DIR / device_slug(self.device)
 
@@ -211,10 +222,10 @@ class Results:
 
     def plot(self, x: str, y: str, series: str, ylabel: str = "", hline: float | None = None, name=None) -> Path:
         """Grouped bars of y per x value, one bar per series value; an optional dashed ceiling line."""
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
         xs = list(dict.fromkeys(r[x] for r in self.rows))
         ss = list(dict.fromkeys(r[series] for r in self.rows))

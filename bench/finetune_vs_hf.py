@@ -29,6 +29,14 @@ from pathlib import Path
 import torch
 
 from bench.common import Results
+from tinygraft.data import labeled as L
+from tinygraft.data.labeled import read_labeled
+from tinygraft.models.heads import TaskModel
+from tinygraft.models.pretrained import load_pretrained, minilm_path
+from tinygraft.tasks import make_head
+from tinygraft.train.finetune import FinetuneArgs, finetune, load_base, subset
+from tinygraft.train.methods import Full
+from tinygraft.train.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sst2"
@@ -37,8 +45,6 @@ REFERENCE = {"transformers_accuracy_seed0": 0.822, "transformers_seconds_seed0_2
 
 def subset_file(tmp: Path, n: int) -> Path:
     """The fixed random subset of the training file, written as its own TSV."""
-    from tinygraft.data.labeled import read_labeled
-    from tinygraft.train.finetune import subset
 
     rows = subset(read_labeled(DATA / "train.tsv", "sentence", "label"), n)
     path = tmp / "train.tsv"
@@ -47,24 +53,25 @@ def subset_file(tmp: Path, n: int) -> Path:
 
 
 def run_tinygraft(train: Path, seed: int, args, tmp: Path) -> dict:
-    from tinygraft.train.finetune import FinetuneArgs, finetune
-
     out = tmp / f"tinygraft-{seed}"
-    fa = FinetuneArgs(out=str(out), from_="minilm", train=str(train), val=str(DATA / "dev.tsv"), text_col="sentence",
-                      method="full", epochs=1, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-                      seed=seed, warmup=0.1, weight_decay=0.01, eval_every=10**9, optimizer="torch")  # fmt: skip
+    settings = {"source": "minilm", "data.train": str(train), "data.val": str(DATA / "dev.tsv"),
+                "data.text_col": "sentence", "method": "full", "train.epochs": 1, "train.batch_size": args.batch_size,
+                "data.max_length": args.max_length, "train.lr": args.lr, "train.seed": seed, "train.warmup": 0.1,
+                "train.weight_decay": 0.01, "train.eval_every": 10**9, "train.optimizer": "torch"}  # fmt: skip
+    fa = FinetuneArgs(out=str(out), flags=settings)
     r = finetune(fa).results
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last_train = [x for x in rows if x["split"] == "train"][-1]  # logged after the last step, before the evaluation
-    return {"accuracy": r["metrics"]["accuracy"], "train_s": last_train["elapsed_s"], "steps": r["step"],
-            "tokens": r["tokens_seen"]}  # fmt: skip
+    return {
+        "accuracy": r["metrics"]["accuracy"],
+        "train_s": last_train["elapsed_s"],
+        "steps": r["step"],
+        "tokens": r["tokens_seen"],
+    }
 
 
 def run_transformers(train: Path, seed: int, args) -> dict:
-    import transformers as tf
-
-    from tinygraft.data import labeled as L
-    from tinygraft.models.pretrained import load_pretrained, minilm_path
+    import transformers as tf  # noqa: PLC0415 (the reference, imported only by the benchmark that runs it)
 
     tok = load_pretrained("minilm").tokenizer
     tr = L.read_labeled(train, "sentence", "label")
@@ -77,8 +84,12 @@ def run_transformers(train: Path, seed: int, args) -> dict:
     model.train()
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     batcher = L.LabeledBatcher(feats, args.batch_size, tok.pad_id, seed=seed)
     steps = batcher.steps_per_epoch
     sched = tf.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
@@ -87,8 +98,12 @@ def run_transformers(train: Path, seed: int, args) -> dict:
     for _ in range(steps):
         b = batcher.next()
         tokens += int(b["attention_mask"].sum())
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
-                    labels=b["labels"])  # fmt: skip
+        out = model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+            labels=b["labels"],
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -99,8 +114,9 @@ def run_transformers(train: Path, seed: int, args) -> dict:
     correct = 0
     with torch.no_grad():
         for b in L.eval_batches(dev_feats, 64, tok.pad_id):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           token_type_ids=b["token_type_ids"]).logits  # fmt: skip
+            logits = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+            ).logits
             correct += int((logits.argmax(-1) == b["labels"]).sum())
     return {"accuracy": correct / len(dev_feats), "train_s": train_s, "steps": steps, "tokens": tokens}
 
@@ -110,17 +126,11 @@ def interleaved_steps(train: Path, args, n: int) -> dict:
     load then hits every side alike, so the per-step medians compare the engines rather than the moments they ran.
     Beside the recipe's transformers (torch AdamW's default path) runs the strongest PyTorch baseline, the same model
     with torch's fused AdamW, which is what tinygraft's loop steps with on a CPU."""
-    import transformers as tf
-
-    from tinygraft.data import labeled as L
-    from tinygraft.models.heads import TaskModel, make_head
-    from tinygraft.models.pretrained import minilm_path
-    from tinygraft.train.finetune import load_base
-    from tinygraft.train.methods import Full
-    from tinygraft.train.optim import build_optimizer, param_groups
+    import transformers as tf  # noqa: PLC0415 (the reference, imported only by the benchmark that runs it)
 
     base = load_base("minilm")
-    ours = TaskModel(base.backbone, make_head("classify", base.backbone, num_labels=2, pooling=base.pooling)).train()
+    head = make_head("classify", base.backbone, num_labels=2, shipped_pooling=base.pooling)
+    ours = TaskModel(base.backbone, head).train()
     groups = param_groups(ours, Full().param_groups(ours), 0.01)
     sides = [("tinygraft", ours, build_optimizer(groups, "torch", torch.device("cpu"), args.lr, (0.9, 0.999), 1e-8))]
     for name, fused in (("transformers", None), ("transformers+fused", True)):
@@ -144,7 +154,7 @@ def interleaved_steps(train: Path, args, n: int) -> dict:
     for i in range(n + 2):
         b = batcher.next()
         b = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-        for name, model, opt in sides[i % 3:] + sides[: i % 3]:
+        for name, model, opt in sides[i % 3 :] + sides[: i % 3]:
             t = step(model, opt, b)
             if i >= 2:  # two warm-up steps (first AdamW state allocation)
                 times[name].append(t)
@@ -170,11 +180,17 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    res = Results("finetune_vs_hf", torch.device("cpu"), notes={
-        "recipe": f"MiniLM-L6 on SST-2: {args.n_train} train sentences, max length {args.max_length}, batch "
-                  f"{args.batch_size}, 1 epoch, AdamW lr {args.lr}, 10% warmup + linear decay, wd 0.01, clip 1",
-        "timing": "optimizer steps only (no loading, tokenising, evaluation, checkpointing); shared CPU, noisy",
-        "threads": torch.get_num_threads(), "reference": REFERENCE})  # fmt: skip
+    res = Results(
+        "finetune_vs_hf",
+        torch.device("cpu"),
+        notes={
+            "recipe": f"MiniLM-L6 on SST-2: {args.n_train} train sentences, max length {args.max_length}, batch "
+            f"{args.batch_size}, 1 epoch, AdamW lr {args.lr}, 10% warmup + linear decay, wd 0.01, clip 1",
+            "timing": "optimizer steps only (no loading, tokenising, evaluation, checkpointing); shared CPU, noisy",
+            "threads": torch.get_num_threads(),
+            "reference": REFERENCE,
+        },
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         train = subset_file(tmp, args.n_train)
@@ -184,8 +200,14 @@ def main(argv=None):
                     r = run_tinygraft(train, seed, args, tmp)
                 else:
                     r = run_transformers(train, seed, args)
-                res.add(seed=seed, impl=impl, accuracy=r["accuracy"], train_s=r["train_s"], steps=r["steps"],
-                        tokens_per_s=r["tokens"] / r["train_s"])  # fmt: skip
+                res.add(
+                    seed=seed,
+                    impl=impl,
+                    accuracy=r["accuracy"],
+                    train_s=r["train_s"],
+                    steps=r["steps"],
+                    tokens_per_s=r["tokens"] / r["train_s"],
+                )
                 print(f"seed {seed} {impl}: accuracy {r['accuracy']:.4f}, {r['train_s']:.1f} s", flush=True)
         if args.interleaved:
             step_ms = interleaved_steps(train, args, args.interleaved)
@@ -197,13 +219,20 @@ def main(argv=None):
         rows = [r for r in res.rows if r["impl"] == impl]
         acc, acc_sd = mean_std([r["accuracy"] for r in rows])
         secs, secs_sd = mean_std([r["train_s"] for r in rows])
-        summary[impl] = {"accuracy_mean": acc, "accuracy_std": acc_sd, "train_s_mean": secs, "train_s_std": secs_sd,
-                         "n": len(rows)}  # fmt: skip
+        summary[impl] = {
+            "accuracy_mean": acc,
+            "accuracy_std": acc_sd,
+            "train_s_mean": secs,
+            "train_s_std": secs_sd,
+            "n": len(rows),
+        }
     res.data["summary"] = summary
     res.table(["seed", "impl", "accuracy", "train_s", "tokens_per_s", "steps"])
     for impl, s in summary.items():
-        print(f"{impl:>12}: accuracy {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}, train "
-              f"{s['train_s_mean']:.1f} ± {s['train_s_std']:.1f} s (n={s['n']})")  # fmt: skip
+        print(
+            f"{impl:>12}: accuracy {s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}, train "
+            f"{s['train_s_mean']:.1f} ± {s['train_s_std']:.1f} s (n={s['n']})"
+        )
     ours, theirs = summary["tinygraft"], summary["transformers"]
     goal = ours["accuracy_mean"] >= theirs["accuracy_mean"] - 0.005 and ours["train_s_mean"] < theirs["train_s_mean"]
     res.data["notes"]["goal_met"] = goal

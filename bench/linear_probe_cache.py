@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from bench.common import Results
+from tinygraft.train.finetune import FinetuneArgs, finetune
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
 def run(out: Path, cache: bool, args) -> dict:
-    from tinygraft.train.finetune import FinetuneArgs, finetune
-
-    fa = FinetuneArgs(out=str(out), from_="minilm", train=str(DATA / "train.tsv"), val=str(DATA / "dev.tsv"),
-                      text_col="sentence", method="linear-probe", epochs=args.epochs, batch_size=32, max_length=64,
-                      max_train=args.n_train, seed=0, feature_cache=cache)  # fmt: skip
+    settings = {"source": "minilm", "data.train": str(DATA / "train.tsv"), "data.val": str(DATA / "dev.tsv"),
+                "data.text_col": "sentence", "method": "linear-probe", "train.epochs": args.epochs,
+                "train.batch_size": 32, "data.max_length": 64, "data.max_train": args.n_train, "train.seed": 0,
+                "method_settings.feature_cache": cache}  # fmt: skip
+    fa = FinetuneArgs(out=str(out), flags=settings)
     return finetune(fa).results
 
 
@@ -38,23 +39,34 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not DATA.is_dir():
         sys.exit(f"SST-2 not found at {DATA}")
-    res = Results("linear_probe_cache", torch.device("cpu"), notes={
-        "recipe": f"MiniLM-L6 linear probe on SST-2: {args.n_train} train sentences, max length 64, batch 32, "
-                  f"{args.epochs} epochs, lr 3e-3, evaluated each epoch on the 872 dev sentences",
-        "timing": "train_seconds of results.json (evaluations included); shared CPU, noisy",
-        "threads": torch.get_num_threads()})  # fmt: skip
+    res = Results(
+        "linear_probe_cache",
+        torch.device("cpu"),
+        notes={
+            "recipe": f"MiniLM-L6 linear probe on SST-2: {args.n_train} train sentences, max length 64, batch 32, "
+            f"{args.epochs} epochs, lr 3e-3, evaluated each epoch on the 872 dev sentences",
+            "timing": "train_seconds of results.json (evaluations included); shared CPU, noisy",
+            "threads": torch.get_num_threads(),
+        },
+    )
     with tempfile.TemporaryDirectory() as d:
         for cache in (True, False):
             r = run(Path(d) / f"cache-{cache}", cache, args)
             fc = r.get("feature_cache") or {}
-            res.add(feature_cache="on" if cache else "off", train_s=r["train_seconds"],
-                    accuracy=r["metrics"]["accuracy"], cached_examples=fc.get("examples", 0),
-                    cached_reads=fc.get("hits", 0))  # fmt: skip
+            res.add(
+                feature_cache="on" if cache else "off",
+                train_s=r["train_seconds"],
+                accuracy=r["metrics"]["accuracy"],
+                cached_examples=fc.get("examples", 0),
+                cached_reads=fc.get("hits", 0),
+            )
     res.table(["feature_cache", "train_s", "accuracy", "cached_examples", "cached_reads"])
     on, off = res.rows
     res.data["notes"]["speedup"] = off["train_s"] / on["train_s"]
-    print(f"speed-up from the cache: {res.data['notes']['speedup']:.2f}x; accuracy {on['accuracy']:.4f} (cached) "
-          f"vs {off['accuracy']:.4f}")  # fmt: skip
+    print(
+        f"speed-up from the cache: {res.data['notes']['speedup']:.2f}x; accuracy {on['accuracy']:.4f} (cached) "
+        f"vs {off['accuracy']:.4f}"
+    )
     res.save()
     res.plot(x="feature_cache", y="train_s", series="feature_cache", ylabel="train seconds (3 epochs)")
     return 0

@@ -6,7 +6,7 @@
 Each case times the forward and the forward+backward (x requires grad as inside a network; W frozen; A and B
 trainable), reports ms, TFLOP/s and peak memory, and checks the fused output against eager. FLOPs count each
 implementation's own math: the base 2*M*N*K forward, 4*M*N*K forward+backward; LoRA adds 2*M*r*(K+N) forward
-and 6*M*r*(K+N) forward+backward. Goals (DESIGN.md section 7, H100): fused forward+backward <= 1.10x the base
+and 6*M*r*(K+N) forward+backward. Goals (H100): fused forward+backward <= 1.10x the base
 alone, >= 1.25x faster than eager, peak memory <= eager.
 """
 
@@ -31,7 +31,7 @@ ALPHA = 16.0
 def peft_layer(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: int):
     """peft's own LoRA Linear around an nn.Linear holding w, with our A and B (None when peft is absent)."""
     try:
-        import peft
+        import peft  # noqa: PLC0415 (the reference, imported only where it is compared)
     except ImportError:
         return None
     base = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype))
@@ -87,9 +87,21 @@ def run_case(res, dev, dtype, tokens, k, n, r):
             t = time_fn(step, inputs=[(x,) for x in xs], device=dev, budget_s=1.0 if dev.type == "cuda" else 0.3)
             mem = peak_memory_mb(lambda step=step: step(xs[0]), device=dev)
             f = flops(tokens, k, n, r, label == "fwd+bwd", name != "base")
-            res.add(case=case, pass_=label, impl=name, tokens=tokens, in_f=k, out_f=n, r=r, ms=t.median_ms,
-                    p20_ms=t.p20_ms, p80_ms=t.p80_ms, tflops=f / t.median_ms / 1e9, peak_mb=mem,
-                    max_err_vs_eager=max_err if name == "tinygraft" else None)  # fmt: skip
+            res.add(
+                case=case,
+                pass_=label,
+                impl=name,
+                tokens=tokens,
+                in_f=k,
+                out_f=n,
+                r=r,
+                ms=t.median_ms,
+                p20_ms=t.p20_ms,
+                p80_ms=t.p80_ms,
+                tflops=f / t.median_ms / 1e9,
+                peak_mb=mem,
+                max_err_vs_eager=max_err if name == "tinygraft" else None,
+            )
 
 
 def goal_lines(rows) -> list[str]:
@@ -99,25 +111,39 @@ def goal_lines(rows) -> list[str]:
     for case in dict.fromkeys(r["case"] for r in rows):
         fused, base, eager = (by.get((case, "fwd+bwd", i)) for i in ("tinygraft", "base", "eager"))
         if fused and base and eager:
-            lines.append(f"{case}: fused/base {fused['ms'] / base['ms']:.2f}x (goal <= 1.10), eager/fused "
-                         f"{eager['ms'] / fused['ms']:.2f}x (goal >= 1.25), peak MB fused {fused['peak_mb']:.0f} vs "
-                         f"eager {eager['peak_mb']:.0f} (goal <=)")  # fmt: skip
+            lines.append(
+                f"{case}: fused/base {fused['ms'] / base['ms']:.2f}x (goal <= 1.10), eager/fused "
+                f"{eager['ms'] / fused['ms']:.2f}x (goal >= 1.25), peak MB fused {fused['peak_mb']:.0f} vs "
+                f"eager {eager['peak_mb']:.0f} (goal <=)"
+            )
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="bfloat16 on a GPU, float32 on a CPU by default")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="bfloat16 on a GPU, float32 on a CPU by default",
+    )
     args = parser.parse_args(argv)
     dev = bench_device()
     quick = args.quick or dev.type != "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     layers, tokens_list, ranks = (CPU_LAYERS, CPU_TOKENS, CPU_RANKS) if quick else (GPU_LAYERS, GPU_TOKENS, RANKS)
     probe = torch.empty(1, device=dev)
-    res = Results("lora", dev, notes={"dtype": str(dtype).removeprefix("torch."), "alpha": ALPHA, "dropout": 0.0,
-                                      "tinygraft_path": backend_for(probe)})  # fmt: skip
+    res = Results(
+        "lora",
+        dev,
+        notes={
+            "dtype": str(dtype).removeprefix("torch."),
+            "alpha": ALPHA,
+            "dropout": 0.0,
+            "tinygraft_path": backend_for(probe),
+        },
+    )
     torch.manual_seed(0)
     for k, n in layers:
         for r in ranks:
@@ -127,8 +153,10 @@ def main(argv=None):
     if res.data["notes"]["tinygraft_path"] == "triton":
         res.data["notes"]["goals"] = goal_lines(res.rows)
     else:
-        res.data["notes"]["goals"] = ["not measured: 'tinygraft' ran the PyTorch reference here (the same math as "
-                                      "eager), so only a GPU run with the Triton kernels speaks to the goals"]
+        res.data["notes"]["goals"] = [
+            "not measured: 'tinygraft' ran the PyTorch reference here (the same math as "
+            "eager), so only a GPU run with the Triton kernels speaks to the goals"
+        ]
     print("\n".join(res.data["notes"]["goals"]))
     print("saved", res.save())
     rows = list(res.rows)

@@ -127,16 +127,20 @@ def main(argv=None):
     device = bench_device()
     presets = args.preset or (["gpt-tiny", "gpt2"] if device.type == "cuda" else ["gpt-tiny"])
     peak_tflops = args.matmul_tflops or (measured_matmul_tflops(device) if device.type == "cuda" else None)
-    res = Results("train_throughput", device, notes={"compile": args.compile, "rounds": args.rounds,
-                                                    "matmul_peak_tflops": peak_tflops})  # fmt: skip
+    res = Results(
+        "train_throughput",
+        device,
+        notes={"compile": args.compile, "rounds": args.rounds, "matmul_peak_tflops": peak_tflops},
+    )
     for preset in presets:
         big = preset in ("gpt2", "bert-base")
         B, T = args.batch or (8 if big else 16), args.seq or (1024 if big else 128)
         cfg, steps, opt_name, n_params = build(preset, device, args.compile)
         T = min(T, cfg.block_size)
         g = torch.Generator().manual_seed(1)
-        inputs = [tuple(torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
-                  for _ in range(4)]  # fmt: skip
+        inputs = [
+            tuple(torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device) for _ in range(2)) for _ in range(4)
+        ]
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
@@ -145,8 +149,16 @@ def main(argv=None):
         for name, step in steps.items():
             ms = statistics.median(times[name])
             mem = peak_memory_mb(lambda step=step, xy=inputs[0]: step(*xy), device)
-            row = dict(preset=preset, impl=name, batch=B, seq=T, ms=ms, tokens_per_s=B * T / ms * 1e3, peak_mb=mem,
-                       optimizer=opt_name if name == "tinygraft" else "torch AdamW")  # fmt: skip
+            row = dict(
+                preset=preset,
+                impl=name,
+                batch=B,
+                seq=T,
+                ms=ms,
+                tokens_per_s=B * T / ms * 1e3,
+                peak_mb=mem,
+                optimizer=opt_name if name == "tinygraft" else "torch AdamW",
+            )
             if peak_tflops:
                 flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
                 row["tflops"] = flops_per_token * row["tokens_per_s"] / 1e12

@@ -1,6 +1,7 @@
 """`import tinygraft` works where Triton is not installed (macOS, Windows, a bare CPU box), and the reference paths
 serve there. Each check runs in a fresh interpreter whose import system refuses `triton`."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,8 +31,6 @@ BLOCK_TRITON = textwrap.dedent(
 
 
 def _run_without_triton(body: str, env_extra: dict[str, str] | None = None) -> str:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in ("TINYGRAFT_BACKEND", "TRITON_INTERPRET")}
     env.update(env_extra or {})
     code = BLOCK_TRITON + textwrap.dedent(body)

@@ -1,8 +1,8 @@
-"""`tinygraft ...` and `python -m tinygraft ...`: the command line lives in tinygraft/train/cli.py."""
+"""`tinygraft ...` and `python -m tinygraft ...`: the command line lives in tinygraft/cli/."""
 
 import sys
 
-from tinygraft.train.cli import main
+from tinygraft.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,14 @@ def _model_and_optimizer():
 
 def _save(root, step, model, opt, **kw):
     return checkpoint.save(
-        root, step, model=model.state_dict(), optimizer=opt.state_dict(),
+        root,
+        step,
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
         trainer_state={"tokens_seen": step * 10, "data": {"seed": 1, "step": step}},
-        config={"train": {"steps": 100}}, tokenizer_json='{"model": {}}', **kw,
+        config={"train": {"steps": 100}},
+        tokenizer_json='{"model": {}}',
+        **kw,
     )
 
 

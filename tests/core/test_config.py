@@ -77,7 +77,7 @@ def test_model_config_validation_surfaces_through_overrides():
 
 def test_toml(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('steps = 4\n[optim]\nlr = 0.01\n')
+    path.write_text("steps = 4\n[optim]\nlr = 0.01\n")
     assert from_dict(Outer, load_toml(path)).optim.lr == 0.01
     path.write_text("steps = [")
     with pytest.raises(TinygraftError, match="is not valid TOML"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tinygraft.core.jsonfile import read_json
+from tinygraft.core.jsonfile import jsonl_objects, read_json
 from tinygraft.errors import TinygraftError
 
 
@@ -29,12 +29,12 @@ def test_values_and_each_failure_in_one_sentence(tmp_path):
 
 
 def test_jsonl_objects_number_lines_and_name_the_bad_one():
-    from tinygraft.core.jsonfile import jsonl_objects
-
     assert jsonl_objects('{"a": 1}\n\n  \n{"b": [2]}\n', "x") == [(1, {"a": 1}), (4, {"b": [2]})]
     assert jsonl_objects("", "x") == []
-    for text, message in (('{"a": 1}\n{"a": \n', "data 'f' line 2 is not valid JSON ("),
-                          ('{"a": 1}\n[1, 2]\n', "data 'f' line 2 is not a JSON object")):  # fmt: skip
+    for text, message in (
+        ('{"a": 1}\n{"a": \n', "data 'f' line 2 is not valid JSON ("),
+        ('{"a": 1}\n[1, 2]\n', "data 'f' line 2 is not a JSON object"),
+    ):
         with pytest.raises(TinygraftError) as e:
             jsonl_objects(text, "data 'f'")
         assert str(e.value).startswith(message)

@@ -3,6 +3,7 @@ atomic writes). Every test points XDG_CACHE_HOME at its tmp_path, so nothing is 
 
 import json
 import os
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
@@ -35,8 +36,6 @@ def wordpiece(corpus) -> TextTokenizer:
 
 # ----------------------------------------------------------------------------------------- corpora
 def test_default_corpus_is_pydoc_topics():
-    from pydoc_data.topics import topics
-
     docs = read_corpus(None)
     assert docs == default_corpus() == [topics[k] for k in sorted(topics)]
     assert sum(len(d) for d in docs) > 100_000

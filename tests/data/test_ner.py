@@ -1,5 +1,8 @@
 """NER readers (CoNLL columns, JSONL lists) and tag alignment to sub-words, on hand-made sentences."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from tinygraft.data.labeled import collate
@@ -103,9 +106,6 @@ def test_dump_conll_round_trip(tmp_path):
 
 
 def read_tagged_str(text):
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as d:
         return read_tagged(_write(Path(d) / "x.conll", text))
 

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from tinygraft.data.labeled import collate
+from tinygraft.data.labeled import collate, eval_batches
 from tinygraft.data.qa import (
     QAExample,
     best_span,
@@ -17,7 +18,8 @@ from tinygraft.data.qa import (
 )
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.errors import TinygraftError
-from tinygraft.train.metrics import squad_metrics
+from tinygraft.tasks import get_task
+from tinygraft.tasks.metrics import squad_metrics
 
 CONTEXT = (
     "Super Bowl 50 was an American football game to determine the champion of the National Football League "
@@ -122,14 +124,9 @@ def test_real_squad_split_and_gold_round_trip(shared_data):
 
 
 def test_task_scorer_qa_from_padded_batches(tok):
-    import torch
-
-    from tinygraft.data.labeled import eval_batches
-    from tinygraft.train.metrics import TaskScorer
-
     exs = [example("Denver Broncos"), example("Santa Clara, California", "Where was it played?")]
     feats = make_qa_features(exs, tok, max_length=40, stride=10, max_query_length=12)
-    scorer = TaskScorer("qa", examples=exs, features=feats)
+    scorer = get_task("qa").scorer(None, None, exs, feats)
     done = 0
     for batch in eval_batches(feats, 3, tok.pad_id):
         B, T = batch["input_ids"].shape

@@ -6,7 +6,8 @@ import torch
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.data.vocab import extend_vocab
 from tinygraft.errors import TinygraftError
-from tinygraft.models import BERT, GPT, BERTConfig, BERTForMaskedLM, GPTConfig, hf
+from tinygraft.models import BERT, GPT, BERTConfig, BERTForMaskedLM, GPTConfig
+from tinygraft.models.pretrained import load_pretrained, load_tokenizer
 
 TEXT = [
     "Gradient descent moves the weights against the gradient of the loss.",
@@ -56,7 +57,7 @@ def test_gpt_extension_save_and_reload(tmp_path):
     assert model.transformer.wte.weight.grad[added["tinygraft"]].abs().sum() > 0
     model.save_pretrained(tmp_path, tokenizer=tok)
     again = GPT.from_pretrained(tmp_path)
-    tok2 = hf.load_tokenizer(tmp_path)
+    tok2 = load_tokenizer(tmp_path)
     assert again.config.vocab_size == tok2.vocab_size == model.config.vocab_size
     assert tok2.encode("tinygraft loads safetensors") == ids[0].tolist()
     torch.testing.assert_close(again(ids)[0], model(ids)[0])
@@ -77,12 +78,10 @@ def test_bert_mlm_extension_keeps_decoder_and_bias_tied(tmp_path):
     again = BERTForMaskedLM.from_pretrained(tmp_path)
     ids = torch.tensor([tok.encode_for_model("tinygraft and safetensors")[0]])
     torch.testing.assert_close(again(ids)[0], model(ids)[0])
-    assert hf.load_tokenizer(tmp_path).encode("tinygraft") == [tok.token_to_id("tinygraft")]
+    assert load_tokenizer(tmp_path).encode("tinygraft") == [tok.token_to_id("tinygraft")]
 
 
 def test_minilm_extension_reloads_in_transformers(tmp_path):
-    from tinygraft.models.pretrained import load_pretrained
-
     transformers = pytest.importorskip("transformers", reason="transformers is the reference (dev extra)")
     try:
         pre = load_pretrained("minilm")

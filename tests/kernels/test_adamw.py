@@ -153,7 +153,7 @@ class _CountLaunches:
 def test_one_launch_per_device_dtype_group(device, monkeypatch, master_weights, clip):
     """fp32, bf16 and fp16 params spread over two param groups (some grads None): three launches per step,
     plus three norm launches when clipping."""
-    from tinygraft.kernels import adamw_triton
+    from tinygraft.kernels import adamw_triton  # noqa: PLC0415 (it imports Triton)
 
     monkeypatch.setenv("TINYGRAFT_BACKEND", "triton")
     update = _CountLaunches(adamw_triton._adamw_kernel)
@@ -162,8 +162,9 @@ def test_one_launch_per_device_dtype_group(device, monkeypatch, master_weights, 
     monkeypatch.setattr(adamw_triton, "_sq_norm_kernel", norm)
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float32]
     params = [torch.nn.Parameter(torch.randn(7 + 60 * i, device=device).to(dt)) for i, dt in enumerate(dtypes)]
-    opt = FusedAdamW([{"params": params[:4]}, {"params": params[4:], "lr": 1e-2}], master_weights=master_weights,
-                     max_grad_norm=clip)  # fmt: skip
+    opt = FusedAdamW(
+        [{"params": params[:4]}, {"params": params[4:], "lr": 1e-2}], master_weights=master_weights, max_grad_norm=clip
+    )
     for step in range(3):
         for i, p in enumerate(params):
             p.grad = None if i == 6 or (i == 3 and step == 1) else torch.randn_like(p)

@@ -101,8 +101,9 @@ def _run_case(B, Hq, Hkv, T, S, D, causal, pad, dropout_p, dtype, layout, device
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D,causal,pad,dropout_p,dtype,layout", CASES)
-def test_forward_and_grads_match_float64(B, Hq, Hkv, T, S, D, causal, pad, dropout_p, dtype, layout, device,
-                                         triton_backend):
+def test_forward_and_grads_match_float64(
+    B, Hq, Hkv, T, S, D, causal, pad, dropout_p, dtype, layout, device, triton_backend
+):
     ours = _run_case(B, Hq, Hkv, T, S, D, causal, pad, dropout_p, dtype, layout, device)
     if causal and T > S:  # rows that see no key: exactly zero, not merely close
         for t in ours[:2]:
@@ -127,7 +128,7 @@ def test_smallest_blocks_walk_many_diagonal_tiles(device, triton_backend, monkey
     """Under the interpreter, 16 x 16 tiles: many skipped, diagonal and full tiles per program, both T vs S."""
     if device.type != "cpu":
         pytest.skip("the fixed interpreter blocks apply only under TRITON_INTERPRET; a GPU autotunes its own")
-    from tinygraft.kernels import attention_triton
+    from tinygraft.kernels import attention_triton  # noqa: PLC0415 (it imports Triton)
 
     tiny = {"BLOCK_M": 16, "BLOCK_N": 16}
     monkeypatch.setattr(attention_triton, "_INTERPRET", {"fwd": tiny, "dkdv": tiny, "dq": tiny})
@@ -213,8 +214,11 @@ def test_reference_runs_on_cpu_by_default(monkeypatch):
         (((2, 3, 16), (1, 2, 4, 16), (1, 2, 4, 16)), {}, "4-d"),
         (((1, 2, 3, 16), (1, 2, 4, 16), (1, 2, 5, 16)), {}, "k and v"),
         (((1, 3, 3, 16), (1, 2, 4, 16), (1, 2, 4, 16)), {}, "multiple"),
-        (((1, 2, 3, 16), (1, 2, 4, 16), (1, 2, 4, 16)), {"key_padding_mask": torch.ones(1, 3, dtype=torch.bool)},
-         "key_padding_mask"),
+        (
+            ((1, 2, 3, 16), (1, 2, 4, 16), (1, 2, 4, 16)),
+            {"key_padding_mask": torch.ones(1, 3, dtype=torch.bool)},
+            "key_padding_mask",
+        ),
         (((1, 2, 3, 16), (1, 2, 4, 16), (1, 2, 4, 16)), {"dropout_p": 1.0}, "dropout_p"),
     ],
 )

@@ -79,8 +79,16 @@ def test_gpt_same_logits_and_grads(use_kernel, device):
 def test_bert_same_outputs_and_grads_with_padding_and_attention_dropout(use_kernel, device):
     """Train mode with attention dropout (the counter-based mask is the same on both paths and in float64), one
     sequence partly padded and one fully padded (its rows see no key: zeros, not NaN)."""
-    config = BERTConfig(vocab_size=97, max_position_embeddings=64, n_layer=2, n_head=2, n_embd=32,
-                        intermediate_size=64, dropout=0.0, attention_dropout=0.1)
+    config = BERTConfig(
+        vocab_size=97,
+        max_position_embeddings=64,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        intermediate_size=64,
+        dropout=0.0,
+        attention_dropout=0.1,
+    )
     model = BERT(config).train()
     ids = torch.randint(1, 97, (3, 29), device=device)
     mask = torch.ones(3, 29, dtype=torch.long, device=device)

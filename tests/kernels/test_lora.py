@@ -115,8 +115,9 @@ def check_against_reference(inputs, dropout, seed=1234):
 @pytest.mark.parametrize("case", CASES, ids=_name)
 def test_sweep_forward_and_gradients(case, device):
     weight_grad = case["tokens"] == 7  # dW and db through the kernel in a few cases (they are usually frozen)
-    inputs = make_inputs((case["tokens"],), case["in_f"], case["out_f"], case["r"], case["bias"], case["dtype"],
-                         device, weight_grad)  # fmt: skip
+    inputs = make_inputs(
+        (case["tokens"],), case["in_f"], case["out_f"], case["r"], case["bias"], case["dtype"], device, weight_grad
+    )
     check_against_reference(inputs, case["dropout"])
 
 

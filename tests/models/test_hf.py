@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.errors import TinygraftError
 from tinygraft.models import BERT, GPT, BERTForMaskedLM, hf
+from tinygraft.models.pretrained import describe_checkpoint, format_description, load_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (dev extra)")
 V, P = 99, 24  # awkward vocabulary, positions
@@ -339,25 +341,23 @@ def test_shape_mismatch(saved, tmp_path):
 
 
 def test_tokenizer_that_does_not_belong(saved, tmp_path):
-    from tinygraft.data.tokenizer import TextTokenizer
-
     path = edited(saved["bert"][1], tmp_path)
     big = TextTokenizer.train(["a few words of text, enough for a tokenizer"] * 20, "bpe", vocab_size=300)
     big.save(path)
     with pytest.raises(TinygraftError, match="has 2\\d\\d tokens but the model's embedding has only 99 rows"):
-        hf.load_tokenizer(path)
+        load_tokenizer(path)
     with pytest.raises(TinygraftError, match="does not belong"):
         BERT.from_pretrained(path).save_pretrained(tmp_path / "out", tokenizer=big)
 
 
 def test_describe_checkpoint(saved):
-    info = hf.describe_checkpoint(saved["bert-mlm"][1])
+    info = describe_checkpoint(saved["bert-mlm"][1])
     model = BERTForMaskedLM.from_pretrained(saved["bert-mlm"][1])
     assert info["family"] == "bert" and info["heads"] == {"pooler": False, "masked_lm": True}
     assert info["params"] == model.num_params()
     assert info["config"]["n_embd"] == 32 and "transformers_version" in info["unused_config"]
     assert hf.is_hf_dir(saved["gpt2"][1])
-    gpt = hf.describe_checkpoint(saved["gpt2"][1])
+    gpt = describe_checkpoint(saved["gpt2"][1])
     assert gpt["params"] == GPT.from_pretrained(saved["gpt2"][1]).num_params()
 
 
@@ -378,12 +378,12 @@ def test_bf16_and_sharded_files(saved, tmp_path):
     want = {k: v.to(torch.bfloat16).float() for k, v in tensors.items()}
     assert torch.equal(model.encoder.layer[1].output.dense.weight, want["encoder.layer.1.output.dense.weight"])
     assert BERT.from_pretrained(tmp_path, dtype=torch.bfloat16).pooler.dense.weight.dtype == torch.bfloat16
-    assert hf.describe_checkpoint(tmp_path)["dtype"] == "BF16"
+    assert describe_checkpoint(tmp_path)["dtype"] == "BF16"
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(TinygraftError, match="lacks the weights shard 'model-00002-of-00002.safetensors'"):
         BERT.from_pretrained(tmp_path)
 
 
 def test_format_description_lists_unused_entries(saved):
-    text = hf.format_description(hf.describe_checkpoint(saved["bert-mlm"][1]))
+    text = format_description(describe_checkpoint(saved["bert-mlm"][1]))
     assert "BertForMaskedLM" in text and "masked_lm yes" in text and "transformers_version=" in text

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from tinygraft.errors import TinygraftError
-from tinygraft.models import BERT, BERTForMaskedLM, hf
-from tinygraft.models.pretrained import Pooling, load_pretrained, minilm_path, pool, read_pooling, sentence_embeddings
+from tinygraft.models import BERT, BERTForMaskedLM
+from tinygraft.models.pooling import Pooling, pool, read_pooling, sentence_embeddings
+from tinygraft.models.pretrained import describe_checkpoint, load_pretrained, minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference (dev extra)")
 
@@ -63,7 +64,7 @@ def test_every_layer_and_sentence_embedding_match(minilm):
     m = batch["attention_mask"].unsqueeze(-1).float()
     manual = F.normalize((want.last_hidden_state * m).sum(1) / m.sum(1), dim=-1)
     pooling = read_pooling(ours.path)
-    assert pooling.modes == ["mean_tokens"] and pooling.normalize and pooling.max_seq_length == 256
+    assert pooling.modes == ["mean"] and pooling.normalize and pooling.max_seq_length == 256
     got = sentence_embeddings(model, ours.tokenizer, SENTENCES, pooling, batch_size=2)
     torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-5)
     unnormalised = sentence_embeddings(model, ours.tokenizer, SENTENCES[:2], pooling, normalize=False)
@@ -73,17 +74,17 @@ def test_every_layer_and_sentence_embedding_match(minilm):
 def test_pool_modes_against_a_direct_computation():
     h = torch.randn(3, 7, 5)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6])
-    got = pool(h, mask, ["cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens"])
+    got = torch.cat([pool(h, mask, how) for how in ("cls", "max", "mean", "mean_sqrt_len", "last")], dim=-1)
     for i, n in enumerate([7, 3, 1]):
         x = h[i, :n].double()
-        want = torch.cat([x[0], x.max(0).values, x.mean(0), x.sum(0) / n**0.5])
+        want = torch.cat([x[0], x.max(0).values, x.mean(0), x.sum(0) / n**0.5, x[-1]])
         torch.testing.assert_close(got[i].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_minilm_has_no_mlm_head(minilm):
     with pytest.raises(TinygraftError, match="no masked-LM head"):
         BERTForMaskedLM.from_pretrained(minilm_path())
-    info = hf.describe_checkpoint(minilm_path())
+    info = describe_checkpoint(minilm_path())
     assert info["params"] == sum(p.numel() for p in minilm[0].model.parameters())
     assert info["tokenizer"] == {"kind": "wordpiece", "vocab_size": 30522}
     assert "gradient_checkpointing" in info["unused_config"] and info["heads"]["pooler"]

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch._dynamo.backends.debugging import aot_eager
 
 from tinygraft.errors import TinygraftError
+from tinygraft.models import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, load_adapter, read_adapter_config, save_adapter
 from tinygraft.peft.lora import (
     LoRALinear,
@@ -35,15 +37,31 @@ def randomize_b(model, adapter="default"):
 
 
 def tiny_bert():
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)  # fmt: skip
+    cfg = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertModel(cfg).eval()
 
 
 def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = transformers.GPT2Config(
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -139,8 +157,11 @@ def test_add_lora_on_bert_matches_peft_targets_and_counts():
         n = add_lora(ours, targets, r=4, alpha=8)
         ref = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         assert n == ref.get_nb_trainable_parameters()[0], targets
-        theirs_paths = {name.removeprefix("base_model.model.") for name, m in ref.named_modules()
-                        if isinstance(m, peft.tuners.lora.LoraLayer)}  # fmt: skip
+        theirs_paths = {
+            name.removeprefix("base_model.model.")
+            for name, m in ref.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)
+        }
         assert {path for path, _ in lora_layers(ours)} == theirs_paths, targets
         assert all(not p.requires_grad for name, p in ours.named_parameters() if "lora_" not in name)
 
@@ -203,13 +224,14 @@ def test_merged_equals_unmerged():
     unmerged = output(model, ids)
     merge_lora(model)
     torch.testing.assert_close(output(model, ids), unmerged, rtol=1e-12, atol=1e-12)  # same sums, float64
-    assert not torch.equal(model.transformer.h[0].attn.c_attn.base.weight,
-                           original["transformer.h.0.attn.c_attn.base.weight"])  # fmt: skip
+    assert not torch.equal(
+        model.transformer.h[0].attn.c_attn.base.weight, original["transformer.h.0.attn.c_attn.base.weight"]
+    )
     unmerge_lora(model)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, original[key], rtol=1e-12, atol=1e-12)
 
-    # float32: the merged model is as close to float64 as the unmerged one (the tolerance rule, DESIGN.md 5)
+    # float32: the merged model is as close to float64 as the unmerged one (tests/kernels/tolerance.py's rule)
     unmerged32 = output(model32, ids)
     merge_lora(model32)
     merged32 = output(model32, ids)
@@ -241,8 +263,9 @@ def test_adapter_saved_here_loads_in_peft(build, targets, tmp_path):
 @pytest.mark.parametrize("build,targets", [(tiny_bert, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc"])])
 def test_peft_adapter_loads_here(build, targets, tmp_path):
     base = build()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets,
-                                                                       init_lora_weights=False))  # fmt: skip
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    )
     theirs.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
     n = load_adapter(ours, tmp_path)
@@ -268,7 +291,6 @@ def test_adapter_config_features_we_do_not_compute_are_refused(tmp_path):
 def test_compiled_model_keeps_the_fused_op_in_one_graph(monkeypatch):
     """fullgraph=True: no graph break around the Triton op, which appears in the graph Dynamo hands the backend."""
     monkeypatch.setenv("TINYGRAFT_BACKEND", "triton")
-    from torch._dynamo.backends.debugging import aot_eager
 
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
     add_lora(model, "all-linear", r=4, alpha=8, dropout=0.1)
@@ -296,8 +318,6 @@ def test_compiled_model_keeps_the_fused_op_in_one_graph(monkeypatch):
 
 def test_all_linear_leaves_our_tied_output_heads_alone():
     """Adapting a decoder tied to the input embeddings would change the embeddings too when merged."""
-    from tinygraft.models import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
-    from tinygraft.peft.lora import add_lora, lora_layers
 
     bert = BERTForMaskedLM(BERTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=32, intermediate_size=40))
     gpt = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32))

@@ -34,8 +34,14 @@ def write_tsv(path: Path, header: list[str], rows) -> Path:
 def make_bert_dir(root: Path, texts: list[str]) -> Path:
     torch.manual_seed(0)
     tok = TextTokenizer.train(texts, "wordpiece", 400)
-    cfg = BERTConfig(vocab_size=tok.vocab_size, max_position_embeddings=64, n_layer=BERT_LAYERS, n_head=2, n_embd=32,
-                     intermediate_size=37)  # fmt: skip
+    cfg = BERTConfig(
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=64,
+        n_layer=BERT_LAYERS,
+        n_head=2,
+        n_embd=32,
+        intermediate_size=37,
+    )
     path = root / "tiny-bert"
     BERT(cfg).save_pretrained(path, tok)
     return path
@@ -56,15 +62,21 @@ def make_data(root: Path) -> dict[str, Path]:
     keep = ("logging", "asyncio")
     tr = [r for r in train if r[1] in keep][:48]
     va = [r for r in val if r[1] in keep][:24]
-    d = {"train": write_tsv(root / "train.tsv", ["text", "label"], tr),
-         "val": write_tsv(root / "val.tsv", ["text", "label"], va)}  # fmt: skip
+    d = {
+        "train": write_tsv(root / "train.tsv", ["text", "label"], tr),
+        "val": write_tsv(root / "val.tsv", ["text", "label"], va),
+    }
     texts = [t for t, _ in tr + va]
     pairs = [(texts[i], texts[i + 1], f"{(i * 7) % 6:.1f}") for i in range(0, 40, 2)]
     d["pairs"] = write_tsv(root / "pairs.tsv", ["sentence1", "sentence2", "score"], pairs)
     words = [t.split()[:8] for t in texts[:24]]
     conll = "\n\n".join(
-        "\n".join(f"{w} {'B-LOG' if w.lower().startswith('log') else ('I-LOG' if j and w == 'the' else 'O')}"
-                  for j, w in enumerate(ws)) for ws in words)  # fmt: skip
+        "\n".join(
+            f"{w} {'B-LOG' if w.lower().startswith('log') else ('I-LOG' if j and w == 'the' else 'O')}"
+            for j, w in enumerate(ws)
+        )
+        for ws in words
+    )
     (root / "tags.conll").write_text(conll + "\n", encoding="utf-8")
     d["tags"] = root / "tags.conll"
     articles = []
@@ -73,8 +85,11 @@ def make_data(root: Path) -> dict[str, Path]:
         for t in texts[a * 4 : a * 4 + 4]:
             ws = t.split()
             ans = " ".join(ws[1:3])
-            qa = {"id": f"{a}-{len(paras)}", "question": f"what follows {ws[0]}?",
-                  "answers": [{"text": ans, "answer_start": t.index(ans)}]}  # fmt: skip
+            qa = {
+                "id": f"{a}-{len(paras)}",
+                "question": f"what follows {ws[0]}?",
+                "answers": [{"text": ans, "answer_start": t.index(ans)}],
+            }
             paras.append({"context": t, "qas": [qa]})
         articles.append({"title": f"article {a}", "paragraphs": paras})
     (root / "squad.json").write_text(json.dumps({"data": articles}), encoding="utf-8")

@@ -27,8 +27,13 @@ def test_readme_first_command_beats_unigram_entropy(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path / "cache"))
     out = tmp_path / "runs" / "tiny"
     tinygraft = [sys.executable, "-m", "tinygraft"]
-    done = subprocess.run([*tinygraft, "pretrain", "--preset", "gpt-tiny", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [*tinygraft, "pretrain", "--preset", "gpt-tiny", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sample = subprocess.run([*tinygraft, "sample", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0 and len(sample.stdout.strip()) > 100, sample.stderr[-3000:]

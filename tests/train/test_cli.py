@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
@@ -18,13 +19,31 @@ from tinygraft.core import checkpoint
 from tinygraft.data.corpus import TokenCache, read_corpus
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.train.pretrain import unigram_entropy
+from tinygraft.train.progress import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 # A small GPT and a short run: each pretrain below takes a second or two on a CPU.
 TINY = [
-    "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=2", "--set", "data.vocab_size=512",
-    "--set", "train.batch_size=8", "--set", "train.seq_len=32", "--set", "train.eval_every=5",
-    "--set", "train.eval_batches=4", "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_embd=64",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "data.vocab_size=512",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.seq_len=32",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.eval_batches=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.warmup_steps=2",
 ]
 
 
@@ -35,8 +54,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def corpus(tmp_path, monkeypatch) -> Path:
     """Twenty documents of the default corpus (pydoc_data.topics) as a directory of .txt files."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    from pydoc_data.topics import topics
-
     d = tmp_path / "corpus"
     d.mkdir()
     for name in sorted(topics)[:20]:
@@ -126,8 +143,24 @@ def test_stop_and_resume_equals_straight_run(tmp_path, corpus, capsys):
 def test_bert_tiny_mlm_lowers_masked_token_loss(tmp_path, corpus, capsys):
     out = tmp_path / "bert"
     code, _, err = run(
-        ["pretrain", "--preset", "bert-tiny", "--out", out, "--data", corpus, "--steps", 100, *TINY,
-         "--set", "train.lr=3e-3", "--set", "train.eval_every=25", "--set", "train.seq_len=64"],
+        [
+            "pretrain",
+            "--preset",
+            "bert-tiny",
+            "--out",
+            out,
+            "--data",
+            corpus,
+            "--steps",
+            100,
+            *TINY,
+            "--set",
+            "train.lr=3e-3",
+            "--set",
+            "train.eval_every=25",
+            "--set",
+            "train.seq_len=64",
+        ],
         capsys,
     )
     assert code == 0, err
@@ -145,8 +178,21 @@ def test_bert_tiny_mlm_lowers_masked_token_loss(tmp_path, corpus, capsys):
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "tinygraft", "pretrain", "--out", str(out), "--data", str(corpus), "--steps", "100000",
-           *TINY, "--set", "train.eval_every=100000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinygraft",
+        "pretrain",
+        "--out",
+        str(out),
+        "--data",
+        str(corpus),
+        "--steps",
+        "100000",
+        *TINY,
+        "--set",
+        "train.eval_every=100000",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 180
@@ -175,8 +221,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, corpus, capsys):
 def test_nan_loss_stops_naming_the_step(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     # lr = step + 1 (a warmup that never ends): finite for a few steps, then the weights blow up.
-    code, _, err = pretrain(out, corpus, capsys, "--set", "train.lr=1e8", "--set", "train.warmup_steps=100000000",
-                            "--set", "train.grad_clip=0", "--set", "train.eval_every=1", steps=50)
+    code, _, err = pretrain(
+        out,
+        corpus,
+        capsys,
+        "--set",
+        "train.lr=1e8",
+        "--set",
+        "train.warmup_steps=100000000",
+        "--set",
+        "train.grad_clip=0",
+        "--set",
+        "train.eval_every=1",
+        steps=50,
+    )
     assert code == 2 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]  # (the lines before it are the run's progress)
     assert re.search(r"^error: the (validation loss|loss|gradient norm) became (nan|inf) at step \d+", last), err
@@ -283,8 +341,13 @@ def test_bad_checkpoint_is_one_sentence_for_every_command(tmp_path, corpus, caps
 
 def test_python_dash_m_and_no_command(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tinygraft", "info", str(tmp_path / "nothing")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinygraft", "info", str(tmp_path / "nothing")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoint path") and "Traceback" not in proc.stderr
     assert main([]) == 2
 
@@ -294,8 +357,26 @@ def test_config_file_flags_and_set_priority(tmp_path, corpus, capsys):
         'preset = "gpt-tiny"\n[train]\nsteps = 7\nlr = 0.002\n[model]\nn_layer = 1\nn_embd = 64\nn_head = 2\n'
     )
     out = tmp_path / "run"
-    code, _, err = run(["pretrain", "--out", out, "--data", corpus, "--config", tmp_path / "run.toml", "--steps", 4,
-                        "--set", "train.lr=0.001", "--set", "data.vocab_size=300", "--set", "train.seq_len=16"], capsys)
+    code, _, err = run(
+        [
+            "pretrain",
+            "--out",
+            out,
+            "--data",
+            corpus,
+            "--config",
+            tmp_path / "run.toml",
+            "--steps",
+            4,
+            "--set",
+            "train.lr=0.001",
+            "--set",
+            "data.vocab_size=300",
+            "--set",
+            "train.seq_len=16",
+        ],
+        capsys,
+    )
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["steps"] == 4 and cfg["train"]["lr"] == 0.001  # flags and --set beat the file
@@ -305,8 +386,6 @@ def test_config_file_flags_and_set_priority(tmp_path, corpus, capsys):
 
 
 def test_progress_bar_shows_step_loss_lr_tokens_and_eta(capsys):
-    from tinygraft.train.progress import Progress
-
     bar = Progress(total=10, initial=2, enabled=True)
     bar.update(5, 1.25, 3e-4, 12345.0)
     bar.bar.refresh()

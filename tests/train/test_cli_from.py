@@ -6,6 +6,7 @@ run, and the bundled MiniLM for `info`.
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tinygraft.data.batching import MLMBatcher, eval_batches
 from tinygraft.data.corpus import TokenCache, read_corpus
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.models import hf
+from tinygraft.train import runs
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the source checkpoints (dev extra)")
 
@@ -33,8 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A module-wide token cache and a corpus of twenty pydoc_data.topics documents."""
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("from")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
@@ -54,8 +54,15 @@ def gpt_dir(root):
     """A random GPT2LMHeadModel as transformers saves it, with a BPE tokenizer trained on the corpus."""
     tok = TextTokenizer.train(read_corpus(str(root / "corpus")), kind="bpe", vocab_size=VOCAB)
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2,
-                                  bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)  # fmt: skip
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=POSITIONS,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
     path = root / "gpt2-hf"
     transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
     save_tokenizer(tok, path)
@@ -65,9 +72,15 @@ def gpt_dir(root):
 def bert_dir(root, name: str, cls):
     tok = TextTokenizer.train(read_corpus(str(root / "corpus")), kind="wordpiece", vocab_size=VOCAB)
     torch.manual_seed(1)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=POSITIONS,
-                                  pad_token_id=tok.pad_id)  # fmt: skip
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=POSITIONS,
+        pad_token_id=tok.pad_id,
+    )
     path = root / name
     getattr(transformers, cls)(cfg).save_pretrained(path)
     save_tokenizer(tok, path)
@@ -112,8 +125,12 @@ def test_pretrain_from_hf_gpt2_starts_from_its_weights_and_tokenizer(root, gpt_d
     config = json.loads((out / "config.json").read_text())
     assert config["source"] == str(gpt_dir.resolve()) and config["method"] == "full"
     want = transformers.GPT2Config.from_pretrained(gpt_dir)
-    assert (config["model"]["vocab_size"], config["model"]["block_size"], config["model"]["n_layer"],
-            config["model"]["n_embd"]) == (want.vocab_size, want.n_positions, want.n_layer, want.n_embd)  # fmt: skip
+    assert (
+        config["model"]["vocab_size"],
+        config["model"]["block_size"],
+        config["model"]["n_layer"],
+        config["model"]["n_embd"],
+    ) == (want.vocab_size, want.n_positions, want.n_layer, want.n_embd)
     step = checkpoint.resolve(out)
     assert TextTokenizer.load(step).to_json() == TextTokenizer.load(gpt_dir).to_json()
     # The step-0 validation loss is the loaded model's: transformers' GPT-2 on the very same batches.
@@ -163,8 +180,9 @@ def test_pretrain_from_a_previous_run_and_what_it_refuses(root, capsys):
     ]:
         code, _, err = pretrain(root, root / "runs" / "refused", capsys, "--from", first, *extra)
         assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
-    code, _, err = pretrain(root, root / "runs" / "dropout", capsys, "--from", first, "--set", "model.dropout=0.2",
-                            steps=1)  # fmt: skip
+    code, _, err = pretrain(
+        root, root / "runs" / "dropout", capsys, "--from", first, "--set", "model.dropout=0.2", steps=1
+    )
     assert code == 0, err  # dropout changes no weight
 
 
@@ -190,8 +208,9 @@ def test_pretrain_mlm_from_a_bert(root, mlm_dir, encoder_dir, capsys):
     code, _, err = pretrain(root, out, capsys, "--from", encoder_dir, "--new-head")
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["new_head"] is True
-    code, _, err = pretrain(root, root / "runs" / "lora-newhead", capsys, "--from", encoder_dir, "--new-head",
-                            "--method", "lora")  # fmt: skip
+    code, _, err = pretrain(
+        root, root / "runs" / "lora-newhead", capsys, "--from", encoder_dir, "--new-head", "--method", "lora"
+    )
     assert code == 2 and "--method lora freezes the base" in err, err
 
 
@@ -207,7 +226,7 @@ def test_lora_pretrain_saves_adapters_and_works_with_every_command(root, gpt_dir
     base = json.loads((step / "base.json").read_text())
     assert base["path"] == str(gpt_dir.resolve()) and len(base["sha256"]) == 64
     settings = json.loads((out / "config.json").read_text())["method_settings"]
-    assert (settings["r"], settings["targets"], settings["base"]) == (4, "c_attn,c_fc", str(gpt_dir.resolve()))
+    assert (settings["r"], settings["targets"], settings["alpha"]) == (4, "c_attn,c_fc", 16.0)
 
     code, _, err = run(["pretrain", "--out", out, "--resume", "--lora-r", 8], capsys)
     assert code == 2 and "method_settings.r would change from 4 to 8" in err and err.count("\n") == 1, err
@@ -225,16 +244,20 @@ def test_lora_pretrain_saves_adapters_and_works_with_every_command(root, gpt_dir
     assert code == 0 and "perplexity" in stdout, err
     code, stdout, err = run(["info", out], capsys)
     assert code == 0, err
-    for text in ("method lora", f"model from {gpt_dir.resolve()}", "trainable", f"base         {gpt_dir.resolve()}",
-                 "r 4, alpha 16.0"):
+    for text in (
+        "method lora",
+        f"model from {gpt_dir.resolve()}",
+        "trainable",
+        f"base         {gpt_dir.resolve()}",
+        "r 4, alpha 16.0",
+    ):
         assert text in stdout, text
 
     # export: the merged model loads in transformers and gives the adapted model's logits; the adapter, peft's files.
     code, stdout, err = run(["export", out, "--to", tmp_path / "merged", "--merged"], capsys)
     assert code == 0 and "merged" in stdout, err
-    from tinygraft.train.pretrain import load_trained
 
-    ours = load_trained(out, torch.device("cpu")).model
+    ours = runs.load(out).model
     x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
@@ -274,8 +297,8 @@ def test_bad_from_is_one_sentence(root, capsys, tmp_path):
         (["--from", tmp_path / "missing"], "does not exist"),
         (["--from", tmp_path / "stuff"], "is neither a tinygraft run or checkpoint nor a Hugging Face model"),
         (["--new-head"], "--new-head applies to a BERT loaded with --from"),
-        (["--lora-r", 4], "--lora-r applies only with --method lora"),
-        (["--method", "prefix"], "pretrain trains with --method full or lora"),
+        (["--lora-r", 4], "--lora-r does not apply to --method full (its settings: --layer-lr-decay)"),
+        (["--method", "prefix"], "unknown method 'prefix'; known: full, lora"),
     ]:
         code, _, err = pretrain(root, tmp_path / "run", capsys, *extra)
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
@@ -284,8 +307,24 @@ def test_bad_from_is_one_sentence(root, capsys, tmp_path):
 
 def test_info_on_a_finetune_run_and_it_is_no_pretraining_source(root, mlm_dir, capsys):
     out = root / "runs" / "finetuned"
-    code, _, err = run(["finetune", "--from", mlm_dir, "--out", out, "--steps", 2, "--max-train", 32, "--max-val", 16,
-                        "--batch-size", 8], capsys)  # fmt: skip
+    code, _, err = run(
+        [
+            "finetune",
+            "--from",
+            mlm_dir,
+            "--out",
+            out,
+            "--steps",
+            2,
+            "--max-train",
+            32,
+            "--max-val",
+            16,
+            "--batch-size",
+            8,
+        ],
+        capsys,
+    )
     assert code == 0, err
     code, stdout, err = run(["info", out], capsys)
     assert code == 0, err

@@ -6,10 +6,13 @@ import json
 import pytest
 
 from tests.train.finetune_fixtures import make_bert_dir, make_data
-from tinygraft.train.cli import main
-from tinygraft.train.compare import mean_std, parse_lr_for, to_argv
-from tinygraft.train.finetune import FinetuneArgs
-from tinygraft.train.finetune_methods import DEFAULT_LR
+from tinygraft.cli.main import main
+from tinygraft.core.config import to_dict
+from tinygraft.train.compare import child_config, mean_std, parse_lr_for
+from tinygraft.train.config import resolve_finetune
+from tinygraft.train.methods import default_lr
+
+DEFAULT_LR = {m: default_lr(m) for m in ("full", "linear-probe", "top-1")}
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +30,32 @@ def run(args, capsys):
 
 
 def base(env, out):
-    return ["compare", "--from", env["bert"], "--train", env["train"], "--val", env["val"], "--out", out, "--steps", 2,
-            "--batch-size", 8, "--max-length", 32, "--threads", 1]  # fmt: skip
+    return [
+        "compare",
+        "--from",
+        env["bert"],
+        "--train",
+        env["train"],
+        "--val",
+        env["val"],
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch-size",
+        8,
+        "--max-length",
+        32,
+        "--threads",
+        1,
+    ]
 
 
 def test_compare_table_json_chart_and_reuse(env, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code, o, err = run([*base(env, out), "--methods", "full,linear-probe,top-1", "--seeds", "0", "--lr-for",
-                        "top-1=2e-4"], capsys)  # fmt: skip
+    code, o, err = run(
+        [*base(env, out), "--methods", "full,linear-probe,top-1", "--seeds", "0", "--lr-for", "top-1=2e-4"], capsys
+    )
     assert code == 0, err
     report = json.loads((out / "compare.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -44,8 +65,11 @@ def test_compare_table_json_chart_and_reuse(env, tmp_path, capsys):
     assert {r["steps"] for r in rows.values()} == {2}
     assert rows["linear-probe"]["trainable_params"] == 32 * 2 + 2
     assert rows["full"]["trainable_pct"] == 100.0
-    assert rows["linear-probe"]["optimizer_state_mb"] < rows["top-1"]["optimizer_state_mb"] < rows["full"][
-        "optimizer_state_mb"]
+    assert (
+        rows["linear-probe"]["optimizer_state_mb"]
+        < rows["top-1"]["optimizer_state_mb"]
+        < rows["full"]["optimizer_state_mb"]
+    )
     tokens = {json.loads((out / m / "seed-0" / "results.json").read_text())["tokens_seen"] for m in rows}
     assert len(tokens) == 1  # the same batches for every method
     md = (out / "compare.md").read_text()
@@ -93,9 +117,20 @@ def test_compare_bad_input_is_one_sentence_exit_2(env, tmp_path, capsys):
     assert code == 2 and "the full run (seed 0) failed" in err and "has no column 'sentence'" in err
 
 
-def test_argv_round_trip_and_lr_for():
-    a = FinetuneArgs(out="x", from_="m", train="t.tsv", max_length=64, quote_none=True, method="lora", lr=1.0)
-    assert to_argv(a) == ["--from", "m", "--train", "t.tsv", "--max-length", "64", "--quote-none"]
+def test_child_configs_and_lr_for():
+    """Each (method, seed) run gets the shared settings with its own method, seed and lr, and of the method flags
+    given only those of its method."""
+    cfg = resolve_finetune(
+        None, None, {"source": "m", "data.train": "t.tsv", "data.max_length": 64, "data.quote_none": True}, None
+    )
+    given = {"r": 4, "top_k": 1}
+    lora = child_config(cfg, "lora", 3, 1e-3, given)
+    assert (lora.method, lora.train.seed, lora.train.lr, lora.method_settings.r) == ("lora", 3, 1e-3, 4)
+    top = child_config(cfg, "top-1", 3, 1e-4, given)
+    assert top.method_settings.top_k == 1 and not hasattr(top.method_settings, "r")
+    shared = ("source", "task", "data", "task_settings")
+    assert all(to_dict(lora)[k] == to_dict(top)[k] == to_dict(cfg)[k] for k in shared)
+    assert to_dict(lora)["data"]["max_length"] == 64 and to_dict(lora)["data"]["quote_none"] is True
     assert parse_lr_for(["lora=1e-3", "full=5e-5"]) == {"lora": 1e-3, "full": 5e-5}
     for bad in ("lora", "lora=x", "lora=-1"):
         with pytest.raises(Exception, match="METHOD=LR"):

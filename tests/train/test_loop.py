@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 from tinygraft.core import checkpoint
 from tinygraft.errors import TinygraftError
@@ -137,8 +138,20 @@ def test_run_dir_layout_and_keep(tmp_path):
     for name in ("config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json"):
         assert (run.checkpoints / "step-00000012" / name).is_file()
     results = json.loads((tmp_path / "results.json").read_text())
-    for key in ("task", "method", "metric", "metrics", "kept", "best_step", "train_seconds", "tokens_per_s",
-                "trainable_params", "total_params", "optimizer_state_mb", "peak_memory_mb"):
+    for key in (
+        "task",
+        "method",
+        "metric",
+        "metrics",
+        "kept",
+        "best_step",
+        "train_seconds",
+        "tokens_per_s",
+        "trainable_params",
+        "total_params",
+        "optimizer_state_mb",
+        "peak_memory_mb",
+    ):
         assert key in results
     rows = run.metrics()
     assert {"step", "split", "loss", "lr", "tokens_per_s", "grad_norm", "elapsed_s"} <= set(rows[0])
@@ -288,8 +301,13 @@ def test_torch_choice_is_torchs_fused_adamw_and_tracks_a_float64_adamw():
     groups = [{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}]
     opt = build_optimizer(groups, "torch", torch.device("cpu"), 1e-2, (0.9, 0.95), 1e-8)
     assert opt.defaults["fused"] is True
-    ref_opt = torch.optim.AdamW([{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}],
-                                lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)  # fmt: skip
+    ref_opt = torch.optim.AdamW(
+        [{"params": ref[:2], "weight_decay": 0.1}, {"params": ref[2:], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=False,
+    )
     for _ in range(5):
         for p, r in zip(ours, ref):
             g = torch.randn_like(p)
@@ -336,7 +354,6 @@ def test_compiled_training_with_dropout_matches_eager(tmp_path):
     seeds drawn off torch's RNG in the same order) and lands on the same weights, to fusion rounding; the seed changing
     every step must not break the compiled code (it once made inductor emit C++ that does not build). Inductor draws
     nn.Dropout's masks with its own generator unless told to fall back to eager's, which this comparison needs."""
-    import torch._inductor.config as inductor_config
 
     out = {}
     # config.patch, not monkeypatch.setattr: setting the attribute back by hand left it hidden ("does not exist") for
@@ -350,3 +367,65 @@ def test_compiled_training_with_dropout_matches_eager(tmp_path):
             out[compile_] = checkpoint.load(run.path).model
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+# ------------------------------------------------------------------------------------- hooks the next jobs use
+class L2ToZero:
+    """A regulariser: lam * |theta|^2 over every trainable tensor (EWC's shape with an identity Fisher at 0)."""
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def penalty(self, model):
+        return self.lam * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+
+
+class PenalisedFull(Full):
+    def penalty(self, model):
+        return 0.5 * model.transformer.wte.weight.pow(2).sum()
+
+
+def test_loss_terms_method_penalty_and_regularisers_all_reach_the_gradient(tmp_path):
+    """The loop adds the job's loss terms, the method's penalty and each regulariser's to the objective's loss:
+    a run with them lands where the same run with the terms written into its loss function lands."""
+    cfg = small_cfg(steps=3, eval_every=3)
+    term = lambda m, b: 0.1 * m.transformer.wpe.weight.abs().sum()  # noqa: E731
+    reg = L2ToZero(1e-3)
+    hooked = make_job(cfg, method=PenalisedFull())
+    hooked.loss_terms, hooked.regularizers = [term], [reg]
+    run_a = RunDir(tmp_path / "hooked")
+    run_a.prepare(resume=False, overwrite=False)
+    train(hooked, cfg, run_a, progress=quiet())
+
+    by_hand = make_job(cfg)
+    model = by_hand.model
+    plain_loss = by_hand.loss_fn
+    by_hand.loss_fn = lambda m, b: plain_loss(m, b) + term(m, b) + PenalisedFull().penalty(model) + reg.penalty(model)
+    run_b = RunDir(tmp_path / "by-hand")
+    run_b.prepare(resume=False, overwrite=False)
+    train(by_hand, cfg, run_b, progress=quiet())
+    a, b = checkpoint.load(run_a.path).model, checkpoint.load(run_b.path).model
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    plain = make_job(cfg)
+    run_c = RunDir(tmp_path / "plain")
+    run_c.prepare(resume=False, overwrite=False)
+    train(plain, cfg, run_c, progress=quiet())
+    assert not torch.allclose(checkpoint.load(run_c.path).model["transformer.wte.weight"], a["transformer.wte.weight"])
+
+
+def test_resume_refuses_an_optimizer_state_that_does_not_fit(tmp_path):
+    """Optimizer state is matched by position: a run whose groups list other tensors is refused by name, not fed
+    another tensor's moments."""
+    cfg = small_cfg(steps=4, eval_every=2)
+    run = RunDir(tmp_path / "run")
+    run.prepare(resume=False, overwrite=False)
+    train(make_job(cfg), cfg, run, stop_at=2, progress=quiet())
+
+    class Reversed(Full):
+        def param_groups(self, model):
+            return [{"params": list(model.parameters())[::-1], "lr_scale": 1.0, "name": "all"}]
+
+    ckpt = checkpoint.load(run.path)
+    with pytest.raises(TinygraftError, match="does not fit this run's parameters|moment where this run's parameter"):
+        train(make_job(cfg, method=Reversed()), cfg, run, resume=ckpt, progress=quiet())

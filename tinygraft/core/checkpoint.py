@@ -1,6 +1,6 @@
 """Checkpoint directories: written whole, then renamed, so a crash at any instant leaves a complete one.
 
-Layout (DESIGN.md section 2), under `RUN/checkpoints/`:
+Layout, under `RUN/checkpoints/`:
 
     step-00000300/            one directory per saved step, never modified after it is renamed into place
         model.safetensors     the tensors the method keeps (the whole model for `full`, an adapter for LoRA)

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
 
 
@@ -111,6 +112,21 @@ def from_dict(cls, data: dict, where: str = "config"):
         raise TinygraftError(f"invalid {where}: {e}") from None
 
 
+def settings_of(cls, given, owner: str, where: str, flag_of=None):
+    """`cls` from the dict `given` (an instance passes through); a key that is none of its fields is named by its flag
+    (`flag_of(key)`, when another class declares it) as not applying to `owner` ("--top-k does not apply to --method
+    lora (its settings: --lora-r, ...)")."""
+    if dataclasses.is_dataclass(given):
+        return given
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given or {}) - set(fields))
+    if unknown:
+        known = ", ".join("--" + flag_name(f) for f in fields.values()) or "none"
+        flag = (flag_of(unknown[0]) if flag_of else None) or unknown[0].replace("_", "-")
+        raise TinygraftError(f"--{flag} does not apply to {owner} (its settings: {known})")
+    return from_dict(cls, given or {}, where)
+
+
 def to_dict(cfg) -> dict:
     """A JSON-able dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -124,6 +140,13 @@ def load_toml(path: str | Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TinygraftError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A --config file: TOML, or JSON (the settings section of a run's config.json has that form)."""
+    if Path(path).suffix == ".json":
+        return read_json(path, "config file")
+    return load_toml(path)
 
 
 def _parse_text(text: str, tp, where: str):

@@ -43,7 +43,7 @@ _ENCODE_CHUNK = 256  # documents per encode_batch call: bounded memory on big co
 def default_corpus() -> list[str]:
     """The Python documentation topics that ship with CPython (`pydoc_data.topics`), one document per topic."""
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # noqa: PLC0415 (some Python builds ship without pydoc_data)
     except ImportError:
         raise TinygraftError("this Python has no pydoc_data module; pass a corpus path instead") from None
     return [topics[name] for name in sorted(topics)]

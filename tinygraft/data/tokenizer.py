@@ -297,4 +297,3 @@ def tokenizer_json_sha256(tokenizer: TextTokenizer) -> str:
     """A stable hash of the tokenizer's full definition (used to key the token cache)."""
     canonical = json.dumps(json.loads(tokenizer.to_json()), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-

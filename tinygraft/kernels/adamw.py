@@ -52,16 +52,35 @@ class FusedAdamW(torch.optim.Optimizer):
     params' device, as torch's capturable/fused AdamW does.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *, maximize=False,
-                 master_weights=False, max_grad_norm=None, capturable=False):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+        *,
+        maximize=False,
+        master_weights=False,
+        max_grad_norm=None,
+        capturable=False,
+    ):
         if _value(lr) < 0 or eps < 0 or weight_decay < 0:
             raise TinygraftError(f"FusedAdamW needs lr, eps, weight_decay >= 0; got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= _value(b) < 1.0 for b in betas):
             raise TinygraftError(f"FusedAdamW betas must lie in [0, 1); got {tuple(betas)}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise TinygraftError(f"FusedAdamW max_grad_norm must be > 0 (or None for no clipping); got {max_grad_norm}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        master_weights=master_weights, capturable=capturable, **_TORCH_KEYS)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            master_weights=master_weights,
+            capturable=capturable,
+            **_TORCH_KEYS,
+        )
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
@@ -150,8 +169,10 @@ class FusedAdamW(torch.optim.Optimizer):
             fallback.update({id(it[0]): it for it in items if not _dense(it[0], it[2])})
             if not flat:
                 continue
-            rows = [(p, p.grad.to(p.dtype).contiguous(), st["exp_avg"], st["exp_avg_sq"], st.get("master_param"))
-                    for p, _, st in flat]  # fmt: skip
+            rows = [
+                (p, p.grad.to(p.dtype).contiguous(), st["exp_avg"], st["exp_avg_sq"], st.get("master_param"))
+                for p, _, st in flat
+            ]
             hyper = _hyper_table(flat, torch.float64 if p_dtype == torch.float64 else torch.float32)
             plans.append((adamw_triton.Group(rows, hyper, device), p_dtype, s_dtype, master, rows))
         coef = None

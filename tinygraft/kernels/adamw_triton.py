@@ -92,13 +92,53 @@ def _adamw_kernel(
         gscale = gscale * tl.load(clip_ptr)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # a full block: no mask, so the loads can vectorize
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, n,
-                     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, gscale,
-                     P_DTYPE, S_DTYPE, MASTER, COMPUTE, False)  # fmt: skip
+        _adamw_block(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            w_ptr,
+            offs,
+            n,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            step_size,
+            bc2_sqrt,
+            eps,
+            gscale,
+            P_DTYPE,
+            S_DTYPE,
+            MASTER,
+            COMPUTE,
+            False,
+        )
     else:  # the tensor's last, partial block
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offs, n,
-                     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, gscale,
-                     P_DTYPE, S_DTYPE, MASTER, COMPUTE, True)  # fmt: skip
+        _adamw_block(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            w_ptr,
+            offs,
+            n,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            step_size,
+            bc2_sqrt,
+            eps,
+            gscale,
+            P_DTYPE,
+            S_DTYPE,
+            MASTER,
+            COMPUTE,
+            True,
+        )
 
 
 @triton.jit
@@ -182,7 +222,14 @@ def launch_update(group: Group, p_dtype, s_dtype, master: bool, clip_coef: torch
 def grad_sq_norm(group: Group, p_dtype) -> torch.Tensor:
     """Sum of squares of every grad of the group (fp32 0-d tensor on the device; partials summed by torch)."""
     partials = torch.empty(group.n_blocks, dtype=torch.float32, device=group.device)
-    _sq_norm_kernel[(group.n_blocks,)](group.addrs, group.numels, group.blocks, partials,
-                                       P_DTYPE=_TL[p_dtype], ALIGNED=group.aligned, BLOCK=BLOCK,
-                                       num_warps=NUM_WARPS)  # fmt: skip
+    _sq_norm_kernel[(group.n_blocks,)](
+        group.addrs,
+        group.numels,
+        group.blocks,
+        partials,
+        P_DTYPE=_TL[p_dtype],
+        ALIGNED=group.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
     return partials.sum()

@@ -49,8 +49,9 @@ def _query_block(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S,
-             MASKED: tl.constexpr, UPCAST: tl.constexpr):
+def _load_kv(
+    K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S, MASKED: tl.constexpr, UPCAST: tl.constexpr
+):
     """One (BLOCK_N, D) tile of keys and of values; rows past S read as 0 on the ragged edge."""
     k_ptrs = K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
@@ -89,10 +90,35 @@ def _visible(offs_m, offs_n, S, off_causal, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
-              stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold,
-              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    Pad,
+    start_n,
+    offs_m,
+    offs_d,
+    drop_base,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    S,
+    off_causal,
+    qk_scale,
+    seed_key,
+    drop_threshold,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
@@ -115,12 +141,49 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Pad,
-              stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-              stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_ot, stride_od, stride_pb,
-              Hq, GROUPS, T, S, qk_scale, seed_key, drop_threshold, inv_keep, T_BUCKET, S_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Pad,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_pb,
+    Hq,
+    GROUPS,
+    T,
+    S,
+    qk_scale,
+    seed_key,
+    drop_threshold,
+    inv_keep,
+    T_BUCKET,
+    S_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     start_m = _query_block(BLOCK_M, CAUSAL)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -145,13 +208,65 @@ def _attn_fwd(Q, K, V, Out, Lse, Pad,
     off_causal = S - T
     full, hi = _key_range(start_m, S, off_causal, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
-                                  stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key,
-                                  drop_threshold, CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            Pad,
+            start_n,
+            offs_m,
+            offs_d,
+            drop_base,
+            stride_ks,
+            stride_kd,
+            stride_vs,
+            stride_vd,
+            S,
+            off_causal,
+            qk_scale,
+            seed_key,
+            drop_threshold,
+            CAUSAL,
+            HAS_PAD,
+            DROPOUT,
+            False,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Pad, start_n, offs_m, offs_d, drop_base,
-                                  stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key,
-                                  drop_threshold, CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            Pad,
+            start_n,
+            offs_m,
+            offs_d,
+            drop_base,
+            stride_ks,
+            stride_kd,
+            stride_vs,
+            stride_vd,
+            S,
+            off_causal,
+            qk_scale,
+            seed_key,
+            drop_threshold,
+            CAUSAL,
+            HAS_PAD,
+            DROPOUT,
+            True,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
 
     seen = l_i > 0.0
     out = acc * (inv_keep / tl.where(seen, l_i, 1.0))[:, None]
@@ -162,28 +277,77 @@ def _attn_fwd(Q, K, V, Out, Lse, Pad,
 
 
 @triton.jit
-def _attn_bwd_delta(Out, DO, Delta, stride_ob, stride_oh, stride_ot, stride_od,
-                    stride_dob, stride_doh, stride_dot, stride_dod, Hq, T,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    Hq,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < T
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=rows, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=rows, other=0.0)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+        mask=rows,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+        mask=rows,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, keep_key, Q, DO, Lse, Delta, start_m, offs_n, offs_d, drop_base,
-               stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key, drop_threshold,
-               inv_keep, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    keep_key,
+    Q,
+    DO,
+    Lse,
+    Delta,
+    start_m,
+    offs_n,
+    offs_d,
+    drop_base,
+    stride_qt,
+    stride_qd,
+    stride_dot,
+    stride_dod,
+    T,
+    S,
+    off_causal,
+    qk_scale,
+    seed_key,
+    drop_threshold,
+    inv_keep,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # Transposed tiles (keys x queries) so dK and dV accumulate without transposing P.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m < T
@@ -217,14 +381,62 @@ def _dkdv_tile(dk, dv, k, v, keep_key, Q, DO, Lse, Delta, start_m, offs_n, offs_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Pad,
-                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-                   stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
-                   stride_dkb, stride_dkh, stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-                   stride_pb, Hq, Hkv, GROUPS, T, S, qk_scale, sm_scale, seed_key, drop_threshold, inv_keep,
-                   T_BUCKET, S_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    Pad,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_dvd,
+    stride_pb,
+    Hq,
+    Hkv,
+    GROUPS,
+    T,
+    S,
+    qk_scale,
+    sm_scale,
+    seed_key,
+    drop_threshold,
+    inv_keep,
+    T_BUCKET,
+    S_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -263,28 +475,116 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Pad,
         Dh = Delta + bh.to(tl.int64) * T
         drop_base = bh.to(tl.int64) * T * S
         for start_m in range(lo, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, keep_key, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, drop_base,
-                                stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key,
-                                drop_threshold, inv_keep, CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION,
-                                BLOCK_M)
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                keep_key,
+                Qh,
+                DOh,
+                Lh,
+                Dh,
+                start_m,
+                offs_n,
+                offs_d,
+                drop_base,
+                stride_qt,
+                stride_qd,
+                stride_dot,
+                stride_dod,
+                T,
+                S,
+                off_causal,
+                qk_scale,
+                seed_key,
+                drop_threshold,
+                inv_keep,
+                CAUSAL,
+                HAS_PAD,
+                DROPOUT,
+                True,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_M,
+            )
         for start_m in range(full, T, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, keep_key, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, drop_base,
-                                stride_qt, stride_qd, stride_dot, stride_dod, T, S, off_causal, qk_scale, seed_key,
-                                drop_threshold, inv_keep, CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION,
-                                BLOCK_M)
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                keep_key,
+                Qh,
+                DOh,
+                Lh,
+                Dh,
+                start_m,
+                offs_n,
+                offs_d,
+                drop_base,
+                stride_qt,
+                stride_qd,
+                stride_dot,
+                stride_dod,
+                T,
+                S,
+                off_causal,
+                qk_scale,
+                seed_key,
+                drop_threshold,
+                inv_keep,
+                CAUSAL,
+                HAS_PAD,
+                DROPOUT,
+                False,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_M,
+            )
 
     DK += b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(
+        DK + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=cols,
+    )
     tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=cols)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base,
-             stride_ks, stride_kd, stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
-             CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    Pad,
+    start_n,
+    offs_m,
+    offs_d,
+    drop_base,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    S,
+    off_causal,
+    qk_scale,
+    seed_key,
+    drop_threshold,
+    inv_keep,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_kv(K, V, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, S, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -305,13 +605,56 @@ def _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_bas
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Pad,
-                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-                 stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
-                 stride_dqb, stride_dqh, stride_dqt, stride_dqd, stride_pb,
-                 Hq, GROUPS, T, S, qk_scale, sm_scale, seed_key, drop_threshold, inv_keep, T_BUCKET, S_BUCKET,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    Pad,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,
+    stride_pb,
+    Hq,
+    GROUPS,
+    T,
+    S,
+    qk_scale,
+    sm_scale,
+    seed_key,
+    drop_threshold,
+    inv_keep,
+    T_BUCKET,
+    S_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     start_m = _query_block(BLOCK_M, CAUSAL)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -338,16 +681,75 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Pad,
     off_causal = S - T
     full, hi = _key_range(start_m, S, off_causal, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base, stride_ks, stride_kd,
-                      stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
-                      CAUSAL, HAS_PAD, DROPOUT, False, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            Pad,
+            start_n,
+            offs_m,
+            offs_d,
+            drop_base,
+            stride_ks,
+            stride_kd,
+            stride_vs,
+            stride_vd,
+            S,
+            off_causal,
+            qk_scale,
+            seed_key,
+            drop_threshold,
+            inv_keep,
+            CAUSAL,
+            HAS_PAD,
+            DROPOUT,
+            False,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, Pad, start_n, offs_m, offs_d, drop_base, stride_ks, stride_kd,
-                      stride_vs, stride_vd, S, off_causal, qk_scale, seed_key, drop_threshold, inv_keep,
-                      CAUSAL, HAS_PAD, DROPOUT, True, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            Pad,
+            start_n,
+            offs_m,
+            offs_d,
+            drop_base,
+            stride_ks,
+            stride_kd,
+            stride_vs,
+            stride_vd,
+            S,
+            off_causal,
+            qk_scale,
+            seed_key,
+            drop_threshold,
+            inv_keep,
+            CAUSAL,
+            HAS_PAD,
+            DROPOUT,
+            True,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+    tl.store(
+        DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=rows[:, None],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,22 +768,69 @@ def _configs(shapes):
 # and keep their accumulators in registers (the worst: ~100 bytes of spill in 3.6's causal D = 128 dK/dV). Dropped
 # for spilling hundreds of bytes: the 4-warp 128 x 64 forward and 4-warp 128-key dK/dV at D = 128. Untimed.
 _CONFIGS = {
-    "fwd": {128: _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
-                           (64, 64, 4, 3), (64, 32, 4, 4)]),
-            64: _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2),
-                          (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)])},
-    "dkdv": {128: _configs([(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 4),
-                            (16, 64, 4, 3)]),
-             64: _configs([(32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (16, 128, 4, 3), (32, 64, 4, 3),
-                           (64, 64, 8, 3), (16, 64, 4, 4)])},
-    "dq": {128: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (128, 64, 8, 2), (128, 32, 8, 3),
-                          (64, 64, 4, 3), (64, 32, 4, 4)]),
-           64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 4)])},
+    "fwd": {
+        128: _configs(
+            [
+                (128, 64, 8, 3),
+                (128, 64, 8, 4),
+                (128, 128, 8, 3),
+                (128, 128, 8, 2),
+                (128, 64, 8, 2),
+                (64, 64, 4, 3),
+                (64, 32, 4, 4),
+            ]
+        ),
+        64: _configs(
+            [
+                (128, 64, 4, 3),
+                (128, 64, 8, 3),
+                (128, 128, 8, 3),
+                (128, 64, 4, 4),
+                (128, 128, 8, 2),
+                (128, 32, 4, 4),
+                (64, 64, 4, 3),
+                (64, 32, 4, 4),
+            ]
+        ),
+    },
+    "dkdv": {
+        128: _configs(
+            [(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 4), (16, 64, 4, 3)]
+        ),
+        64: _configs(
+            [
+                (32, 128, 8, 3),
+                (32, 128, 8, 4),
+                (64, 128, 8, 2),
+                (16, 128, 4, 3),
+                (32, 64, 4, 3),
+                (64, 64, 8, 3),
+                (16, 64, 4, 4),
+            ]
+        ),
+    },
+    "dq": {
+        128: _configs(
+            [
+                (128, 32, 4, 3),
+                (128, 64, 8, 3),
+                (128, 32, 4, 5),
+                (128, 64, 8, 2),
+                (128, 32, 8, 3),
+                (64, 64, 4, 3),
+                (64, 32, 4, 4),
+            ]
+        ),
+        64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 4)]),
+    },
 }
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_PAD", "DROPOUT", "T_BUCKET", "S_BUCKET"]
 # Under the interpreter: small unequal blocks, so the tests walk ragged edges and causal diagonals of both shapes.
-_INTERPRET = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32}, "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
-              "dq": {"BLOCK_M": 64, "BLOCK_N": 32}}
+_INTERPRET = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
+}
 _DELTA_BLOCK_M = 64
 
 _tuned = {}
@@ -435,10 +884,35 @@ def _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
-    kernel[grid](q, k, v, out, lse, pad, *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_pb,
-                 Hq, Hq // Hkv, T, S, softmax_scale * LOG2E, seed_key, threshold, inv_keep, _bucket(T), _bucket(S),
-                 HEAD_DIM=D, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-                 **_dot_flags(q.dtype), **blocks)
+    kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        pad,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        stride_pb,
+        Hq,
+        Hq // Hkv,
+        T,
+        S,
+        softmax_scale * LOG2E,
+        seed_key,
+        threshold,
+        inv_keep,
+        _bucket(T),
+        _bucket(S),
+        HEAD_DIM=D,
+        CAUSAL=causal,
+        HAS_PAD=key_padding_mask is not None,
+        DROPOUT=dropout_p > 0.0,
+        **_dot_flags(q.dtype),
+        **blocks,
+    )
     return out, lse
 
 
@@ -449,37 +923,99 @@ def _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dr
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(T, _DELTA_BLOCK_M), B * Hq)](
-        out, do, delta, *out.stride(), *do.stride(), Hq, T, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M)
+        out, do, delta, *out.stride(), *do.stride(), Hq, T, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M
+    )
     dq = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Hkv, S, D), device=k.device, dtype=k.dtype)
     dv = torch.empty((B, Hkv, S, D), device=v.device, dtype=v.dtype)
     pad, stride_pb = _pad_args(key_padding_mask, q)
     seed_key, threshold, inv_keep = _dropout_args(dropout_p, seed)
-    flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-                 **_dot_flags(q.dtype))
+    flags = dict(
+        HEAD_DIM=D, CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0.0, **_dot_flags(q.dtype)
+    )
     qk_scale = softmax_scale * LOG2E
 
     kernel, blocks = _kernel("dkdv", D)
     kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, pad, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        *dv.stride(), stride_pb, Hq, Hkv, Hq // Hkv, T, S, qk_scale, softmax_scale, seed_key, threshold, inv_keep,
-        _bucket(T), _bucket(S), **flags, **blocks)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        pad,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        stride_pb,
+        Hq,
+        Hkv,
+        Hq // Hkv,
+        T,
+        S,
+        qk_scale,
+        softmax_scale,
+        seed_key,
+        threshold,
+        inv_keep,
+        _bucket(T),
+        _bucket(S),
+        **flags,
+        **blocks,
+    )
     kernel, blocks = _kernel("dq", D)
     kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, dq, pad, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        stride_pb, Hq, Hq // Hkv, T, S, qk_scale, softmax_scale, seed_key, threshold, inv_keep,
-        _bucket(T), _bucket(S), **flags, **blocks)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        pad,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dq.stride(),
+        stride_pb,
+        Hq,
+        Hq // Hkv,
+        T,
+        S,
+        qk_scale,
+        softmax_scale,
+        seed_key,
+        threshold,
+        inv_keep,
+        _bucket(T),
+        _bucket(S),
+        **flags,
+        **blocks,
+    )
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (DESIGN.md section 1), autograd through the backward op.
+# Custom ops: opaque to torch.compile (traced whole, no graph break), autograd through the backward op.
 
 
 @torch.library.custom_op("tinygraft::flash_attention", mutates_args=())
-def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                       causal: bool, softmax_scale: float, dropout_p: float, seed: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, T, D), lse (B, Hq, T) float32, log2-based; +inf on rows with no visible key)."""
     return _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
 
@@ -490,10 +1026,19 @@ def _(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
 
 
 @torch.library.custom_op("tinygraft::flash_attention_backward", mutates_args=())
-def flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                                causal: bool, softmax_scale: float, dropout_p: float, seed: int
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attention_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed)
 
 
@@ -524,5 +1069,6 @@ def flash_attention_triton(q, k, v, causal, key_padding_mask, softmax_scale, dro
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return flash_attention_op(q, k, v, key_padding_mask, bool(causal), float(scale), float(dropout_p),
-                              int(seed) if dropout_p > 0.0 else 0)[0]
+    return flash_attention_op(
+        q, k, v, key_padding_mask, bool(causal), float(scale), float(dropout_p), int(seed) if dropout_p > 0.0 else 0
+    )[0]

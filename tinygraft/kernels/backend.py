@@ -1,6 +1,6 @@
 """Which implementation of a kernel op runs: the Triton kernel or the PyTorch reference.
 
-The rule (DESIGN.md section 1): Triton when every tensor is on CUDA and Triton imports, the reference otherwise.
+The rule: Triton when every tensor is on CUDA and Triton imports, the reference otherwise.
 `TINYGRAFT_BACKEND=triton|reference` forces one. With `TRITON_INTERPRET=1` set before Triton is imported, the
 Triton path runs on CPU tensors through Triton's interpreter, which is how the tests check kernels without a GPU.
 

@@ -136,8 +136,9 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torc
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _fwd[grid](x2, bias, y, M, N, x2.stride(0), y.stride(0),
-               APPROX_TANH=approximate == "tanh", COMPUTE=_compute_dtype(x.dtype))  # fmt: skip
+    _fwd[grid](
+        x2, bias, y, M, N, x2.stride(0), y.stride(0), APPROX_TANH=approximate == "tanh", COMPUTE=_compute_dtype(x.dtype)
+    )
     return y.reshape(x.shape)
 
 
@@ -155,12 +156,26 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approxi
         return dx.reshape(x.shape), torch.zeros_like(bias)
     compute = _compute_dtype(x.dtype)
     grid_m = _grid_m(M, N, x.device)
-    partials = torch.empty((grid_m, N), dtype=torch.float64 if compute == tl.float64 else torch.float32,
-                           device=x.device)  # fmt: skip
+    partials = torch.empty(
+        (grid_m, N), dtype=torch.float64 if compute == tl.float64 else torch.float32, device=x.device
+    )
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), grid_m)
 
-    _bwd[grid](dy2, x2, bias, dx, partials, M, N, dy2.stride(0), x2.stride(0), dx.stride(0), grid_m,
-               APPROX_TANH=approximate == "tanh", COMPUTE=compute)  # fmt: skip
+    _bwd[grid](
+        dy2,
+        x2,
+        bias,
+        dx,
+        partials,
+        M,
+        N,
+        dy2.stride(0),
+        x2.stride(0),
+        dx.stride(0),
+        grid_m,
+        APPROX_TANH=approximate == "tanh",
+        COMPUTE=compute,
+    )
     return dx.reshape(x.shape), partials.sum(0).to(bias.dtype)

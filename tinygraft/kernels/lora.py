@@ -37,11 +37,14 @@ def _check(x, weight, bias, lora_a, lora_b, dropout_p):
     out_f, in_f = weight.shape
     r = lora_a.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise TinygraftError(f"lora_linear input's last dim is {tuple(x.shape)[-1:]} but the weight is (out, in) = "
-                             f"{tuple(weight.shape)}")  # fmt: skip
+        raise TinygraftError(
+            f"lora_linear input's last dim is {tuple(x.shape)[-1:]} but the weight is (out, in) = {tuple(weight.shape)}"
+        )
     if tuple(lora_a.shape) != (r, in_f) or tuple(lora_b.shape) != (out_f, r) or r == 0:
-        raise TinygraftError(f"lora_linear needs lora_a (r, {in_f}) and lora_b ({out_f}, r) with r >= 1; got "
-                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")  # fmt: skip
+        raise TinygraftError(
+            f"lora_linear needs lora_a (r, {in_f}) and lora_b ({out_f}, r) with r >= 1; got "
+            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise TinygraftError(f"lora_linear bias must be ({out_f},); got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
@@ -52,8 +55,10 @@ def _check_kernel_dtypes(*tensors):
     dtypes = {t.dtype for t in tensors if t is not None}
     if len(dtypes) != 1 or not dtypes <= set(KERNEL_DTYPES):
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-        raise TinygraftError(f"lora_linear's Triton kernel needs x, weight, bias and adapters in one dtype out of "
-                             f"float32/float16/bfloat16; got {names} (cast them, or run under autocast)")  # fmt: skip
+        raise TinygraftError(
+            f"lora_linear's Triton kernel needs x, weight, bias and adapters in one dtype out of "
+            f"float32/float16/bfloat16; got {names} (cast them, or run under autocast)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,14 +67,21 @@ def _check_kernel_dtypes(*tensors):
 
 @torch.library.custom_op("tinygraft::lora_linear", mutates_args=())
 def _lora_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-    scaling: float, dropout_p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from tinygraft.kernels import lora_triton as kt
 
     in_f = x.shape[1]
-    s = kt.skinny_matmul(x, lora_a.t(), alpha=1.0 / (1.0 - dropout_p), dropout_p=dropout_p, seed=seed,
-                         mask_strides=(in_f, 1))  # fmt: skip
+    s = kt.skinny_matmul(
+        x, lora_a.t(), alpha=1.0 / (1.0 - dropout_p), dropout_p=dropout_p, seed=seed, mask_strides=(in_f, 1)
+    )
     y = kt.lowrank_matmul(x, weight.t(), s, lora_b.t(), bias, scale=scaling)
     return y, s
 
@@ -81,29 +93,42 @@ def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
 
 @torch.library.custom_op("tinygraft::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-    s: torch.Tensor, scaling: float, dropout_p: float, seed: int, needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW, db, dA, dB); a gradient not in `needs` comes back as an empty tensor."""
     from tinygraft.kernels import lora_triton as kt
 
     need_x, need_w, need_bias, need_a, need_b = needs
     in_f = x.shape[1]
     keep = 1.0 / (1.0 - dropout_p)
+
     def empty():  # a fresh one each time: a custom op's outputs may not alias each other
         return grad_y.new_empty(0)
 
     g = kt.skinny_matmul(grad_y, lora_b)  # (M, r)
-    dx = kt.lowrank_matmul(grad_y, weight, g, lora_a, scale=scaling * keep, dropout_p=dropout_p, seed=seed) \
-        if need_x else empty()  # fmt: skip
+    dx = (
+        kt.lowrank_matmul(grad_y, weight, g, lora_a, scale=scaling * keep, dropout_p=dropout_p, seed=seed)
+        if need_x
+        else empty()
+    )
     dw = kt.lowrank_matmul(grad_y.t(), x, out_dtype=weight.dtype) if need_w else empty()
     db = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype) if need_bias else empty()
     da = empty()
     if need_a:
         # dA^T (in, r) = drop(x)^T @ g, written straight into dA's transpose; x^T[m, k] is x's index k * in + m.
         da = torch.empty_like(lora_a)
-        kt.skinny_matmul(x.t(), g, alpha=scaling * keep, dropout_p=dropout_p, seed=seed, mask_strides=(1, in_f),
-                         out=da.t())  # fmt: skip
+        kt.skinny_matmul(
+            x.t(), g, alpha=scaling * keep, dropout_p=dropout_p, seed=seed, mask_strides=(1, in_f), out=da.t()
+        )
     db_lora = kt.skinny_matmul(grad_y.t(), s, alpha=scaling) if need_b else empty()
     return dx, dw, db, da, db_lora
 
@@ -158,9 +183,15 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
     _check_kernel_dtypes(x, weight, bias, lora_a, lora_b)
     lead = x.shape[:-1]
     y, _ = torch.ops.tinygraft.lora_linear(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling), float(dropout_p),
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        float(scaling),
+        float(dropout_p),
         int(seed) if dropout_p > 0.0 else 0,
-    )  # fmt: skip
+    )
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -74,10 +74,12 @@ def _lowrank_matmul_kernel(
         # loaded as zeros.
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                        mask=offs_r[None, :] < R, other=0.0)  # fmt: skip
-            v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                        mask=offs_r[:, None] < R, other=0.0)  # fmt: skip
+            u = tl.load(
+                u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=offs_r[None, :] < R, other=0.0
+            )
+            v = tl.load(
+                v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, mask=offs_r[:, None] < R, other=0.0
+            )
             if UPCAST:
                 u = u.to(tl.float32)
                 v = v.to(tl.float32)
@@ -137,8 +139,11 @@ def _skinny_matmul_kernel(
             # P holds the input x (or its transpose): index = its (token, feature) position, via the mask strides.
             index = rows[:, None].to(tl.int64) * mask_sm + offs_k[None, :].to(tl.int64) * mask_sk
             p = tl.where(keep_mask(key, index, threshold), p, 0.0)
-        q = tl.load(q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
-                    mask=in_k[:, None] & (offs_r[None, :] < R), other=0.0)  # fmt: skip
+        q = tl.load(
+            q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
+            mask=in_k[:, None] & (offs_r[None, :] < R),
+            other=0.0,
+        )
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)
@@ -272,8 +277,13 @@ def skinny_matmul(p, q, alpha=1.0, dropout_p=0.0, seed=0, mask_strides=(0, 0), o
     )  # fmt: skip
     block_r = _block_r(R)
     r_blocks = triton.cdiv(R, block_r)
-    flags = dict(DROPOUT=dropout, UPCAST=backend.upcast_bf16_dots(p.dtype),
-                 ROUND_BF16=backend.upcast_bf16_dots(target.dtype), PRECISION=_precision(p.dtype), BLOCK_R=block_r)
+    flags = dict(
+        DROPOUT=dropout,
+        UPCAST=backend.upcast_bf16_dots(p.dtype),
+        ROUND_BF16=backend.upcast_bf16_dots(target.dtype),
+        PRECISION=_precision(p.dtype),
+        BLOCK_R=block_r,
+    )
     if backend.interpreting():
         cfg = _INTERPRETER_SKINNY
         _skinny_matmul_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), split, r_blocks)](*args, **flags, **cfg)

@@ -4,10 +4,13 @@ The architecture is BERT's exactly (Devlin et al., 2019): word + position + toke
 normalised, post-LayerNorm encoder layers (residual add, then LayerNorm), GELU in its erf form, a tanh pooler over
 the [CLS] position, and a masked-LM head (dense + GELU + LayerNorm transform, decoder tied to the word embeddings, a
 free output bias). Module names match Hugging Face's `BertModel` / `BertForMaskedLM`, so checkpoints and LoRA adapters
-map one to one; MiniLM-style models are BERTs with other sizes.
+map one to one; MiniLM-style models are BERTs with other sizes. The last section maps the few differences of BERT
+files (an optional `bert.` prefix, heads that may be absent, TF-era names) and reads and writes their config.json.
 """
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 
 from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention
 from tinygraft.errors import TinygraftError
+from tinygraft.models import hf
 
 
 @dataclass
@@ -178,19 +182,14 @@ class BERT(nn.Module):
         pooled = self.pooler(x) if self.pooler is not None else x[:, 0]
         return BERTOutput(x, pooled, tuple(states) if states is not None else None)
 
-    # Hugging Face layout (BertModel directories, `bert.` prefix optional); the mapping lives in models/hf.py.
+    # Hugging Face layout (BertModel directories, `bert.` prefix optional): see the end of this file.
     @classmethod
     def from_pretrained(cls, path, new_head: bool = False, dtype: torch.dtype | None = None) -> "BERT":
         """A missing pooler stays absent (pooled = the [CLS] state) unless new_head=True initialises one."""
-        from tinygraft.models import hf
+        return load_hf(path, "bert", new_head, dtype)
 
-        model, model.load_report = hf.load_pretrained_model(path, "bert", new_head=new_head, dtype=dtype)
-        return model
-
-    def save_pretrained(self, path, tokenizer=None):
-        from tinygraft.models import hf
-
-        return hf.save_pretrained_model(self, path, tokenizer)
+    def save_pretrained(self, path, tokenizer=None) -> Path:
+        return save_hf(self, path, tokenizer)
 
 
 class MLMTransform(nn.Module):
@@ -251,12 +250,131 @@ class BERTForMaskedLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, new_head: bool = False, dtype: torch.dtype | None = None) -> "BERTForMaskedLM":
         """A file without the masked-LM head is an error unless new_head=True initialises one."""
-        from tinygraft.models import hf
+        return load_hf(path, "mlm", new_head, dtype)
 
-        model, model.load_report = hf.load_pretrained_model(path, "mlm", new_head=new_head, dtype=dtype)
-        return model
+    def save_pretrained(self, path, tokenizer=None) -> Path:
+        return save_hf(self, path, tokenizer)
 
-    def save_pretrained(self, path, tokenizer=None):
-        from tinygraft.models import hf
 
-        return hf.save_pretrained_model(self, path, tokenizer)
+# ---------------------------------------------------------------------------------------------------------------
+# The Hugging Face layout. Names are ours with these differences: `bert.` is optional (BertModel files lack it);
+# the pooler and the MLM head (`cls.predictions.*`) may each be absent; `cls.predictions.decoder.weight` is the word
+# embedding and `.decoder.bias` is `cls.predictions.bias`; `embeddings.position_ids`, `cls.seq_relationship.*` (the
+# next-sentence head) and other task heads are accepted and unused; TF-converted files say LayerNorm `gamma`/`beta`.
+
+HF_MODEL_TYPE = "bert"
+HF_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
+
+
+def from_hf_name(name: str, target: str) -> str | None:
+    """Our state_dict name for a tensor of a BERT file, or None for one we accept and do not use. `target` is "bert"
+    (the encoder, as `BertModel`) or "mlm" (`BertForMaskedLM`, which has no pooler)."""
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+    name = name.removeprefix("bert.")
+    top = name.split(".")[0]
+    if name in ("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight"):
+        return None  # buffers; the decoder is the tied word embedding
+    if top in ("embeddings", "encoder", "pooler"):
+        if top == "pooler" and target == "mlm":
+            return None
+        return name if target == "bert" else "bert." + name
+    if name.startswith("cls.predictions.") and target == "mlm":
+        return "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
+    return None  # cls.* for a plain BERT, cls.seq_relationship.*, classifier.*, qa_outputs.*
+
+
+def hf_heads(names) -> dict[str, bool]:
+    """Which heads a BERT file holds: the pooler, the masked-LM head."""
+    names = list(names)
+    return {
+        "pooler": any(n.removeprefix("bert.").startswith("pooler.") for n in names),
+        "mlm": any(n.startswith("cls.predictions.transform.") for n in names),
+    }
+
+
+def load_hf(path, target: str, new_head: bool = False, dtype: torch.dtype | None = None):
+    """BERT ("bert") or BERTForMaskedLM ("mlm") from a BERT directory. A head the file lacks is an error for the
+    masked-LM model and an absence for the encoder, unless `new_head`, which initialises it fresh."""
+    raw = hf.read_config(path)
+    where = f"config.json in '{path}'"
+    hf.check_model_type(raw, where, HF_MODEL_TYPE, HF_ARCHITECTURES, "BERT")
+    config, unused = config_from_hf(raw, where)
+    heads = hf_heads(hf.LazyWeights(Path(path)).shapes)
+    report = hf.LoadReport(str(path), "bert", list(raw.get("architectures") or []), unused)
+    if target == "mlm" and not heads["mlm"]:
+        if not new_head:
+            raise TinygraftError(
+                f"'{path}' has no masked-LM head (cls.predictions.*); ask for a new head (new_head=True) to "
+                "initialise one"
+            )
+        report.missing_heads.append("masked-LM head")
+        report.new_heads.append("masked-LM head")
+    if target == "bert" and not heads["pooler"]:
+        report.missing_heads.append("pooler")
+        if new_head:
+            report.new_heads.append("pooler")
+    with torch.device("cpu"):
+        model = BERTForMaskedLM(config) if target == "mlm" else BERT(config, add_pooler=heads["pooler"] or new_head)
+    fresh = ("cls.",) if "masked-LM head" in report.new_heads else ("pooler.",) if report.new_heads else ()
+    hf.load_weights(model, path, report, lambda name: from_hf_name(name, target), fresh=fresh)
+    if "masked-LM head" in report.new_heads:
+        model.cls.apply(init_weights)  # the decoder is tied: re-initialising it would touch the embeddings
+        model.cls.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
+    model = model.to(dtype) if dtype is not None else model
+    model.load_report = report
+    return model.eval()
+
+
+def save_hf(model: "BERT | BERTForMaskedLM", path, tokenizer=None) -> Path:
+    if tokenizer is not None:
+        where = f"the tokenizer given for '{path}'"
+        hf.check_tokenizer(tokenizer, model.config.vocab_size, where, pad_id=model.config.pad_token_id)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in hf.own_tensors(model).items()}
+    return hf.save_dir(path, config_to_hf(model), tensors, tokenizer, model.config.max_position_embeddings)
+
+
+def config_from_hf(raw: dict, where: str = "config.json") -> tuple[BERTConfig, dict]:
+    """(BERTConfig, {key: value} accepted but unused) from a BERT config.json: strict where a setting changes the
+    architecture (`position_embedding_type` other than absolute, an activation we lack), tolerant of the rest."""
+    k = hf.ConfigKeys(raw, where)
+    k.require("position_embedding_type", "absolute", "relative position embeddings")
+    cfg = BERTConfig(
+        vocab_size=k.get("vocab_size", 30522),
+        max_position_embeddings=k.get("max_position_embeddings", 512),
+        type_vocab_size=k.get("type_vocab_size", 2),
+        n_layer=k.get("num_hidden_layers", 12),
+        n_head=k.get("num_attention_heads", 12),
+        n_embd=k.get("hidden_size", 768),
+        intermediate_size=k.get("intermediate_size", 3072),
+        dropout=k.get("hidden_dropout_prob", 0.1),
+        attention_dropout=k.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=k.get("layer_norm_eps", 1e-12),
+        pad_token_id=k.get("pad_token_id", 0),
+        hidden_act=k.activation("hidden_act", "gelu", {"none", "tanh"}),
+    )
+    return cfg, k.unused()
+
+
+def config_to_hf(model: "BERT | BERTForMaskedLM", eos_id: int | None = None) -> dict:
+    """BertModel's (or BertForMaskedLM's) config.json for this model."""
+    c = model.config
+    return {
+        "architectures": ["BertForMaskedLM" if isinstance(model, BERTForMaskedLM) else "BertModel"],
+        "model_type": HF_MODEL_TYPE,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "intermediate_size": c.intermediate_size,
+        "hidden_act": c.hidden_act,
+        "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.attention_dropout,
+        "max_position_embeddings": c.max_position_embeddings,
+        "type_vocab_size": c.type_vocab_size,
+        "layer_norm_eps": c.layer_norm_eps,
+        "pad_token_id": c.pad_token_id,
+        "position_embedding_type": "absolute",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

@@ -3,11 +3,14 @@
 The architecture is GPT-2's exactly (Radford et al., 2019): learned absolute positions, pre-LayerNorm blocks, GELU
 with the tanh approximation, one fused qkv projection, biases everywhere, a final LayerNorm, and an LM head tied to
 the token embedding. Module names match Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...), so a
-checkpoint or a LoRA adapter maps one to one (their Conv1D stores weights transposed; models/hf.py handles that).
+checkpoint or a LoRA adapter maps one to one; the last section maps the few differences (their Conv1D stores
+weights transposed) and reads and writes GPT-2's config.json.
 """
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,7 @@ from torch import nn
 
 from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention
 from tinygraft.errors import TinygraftError
+from tinygraft.models import hf
 
 
 class CausalSelfAttention(nn.Module):
@@ -166,18 +170,28 @@ class GPT(nn.Module):
             pending = next_id if cache is not None else idx
         return idx
 
-    # Hugging Face layout (GPT2LMHeadModel directories); the name mapping lives in models/hf.py.
+    # Hugging Face layout (GPT2LMHeadModel / GPT2Model directories): see the end of this file.
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "GPT":
-        from tinygraft.models import hf
+        """A GPT-2 directory as transformers writes it; `model.load_report` says what was accepted but unused."""
+        raw = hf.read_config(path)
+        where = f"config.json in '{path}'"
+        hf.check_model_type(raw, where, HF_MODEL_TYPE, HF_ARCHITECTURES, "GPT-2")
+        config, unused = config_from_hf(raw, where)
+        with torch.device("cpu"):
+            model = cls(config)
+        report = hf.LoadReport(str(path), "gpt", list(raw.get("architectures") or []), unused)
+        hf.load_weights(model, path, report, from_hf_name, is_conv1d_weight)
+        model = model.to(dtype) if dtype is not None else model
+        model.load_report = report
+        return model.eval()
 
-        model, model.load_report = hf.load_pretrained_model(path, "gpt", dtype=dtype)
-        return model
-
-    def save_pretrained(self, path, tokenizer=None):
-        from tinygraft.models import hf
-
-        return hf.save_pretrained_model(self, path, tokenizer)
+    def save_pretrained(self, path, tokenizer=None) -> Path:
+        eos = None
+        if tokenizer is not None:
+            hf.check_tokenizer(tokenizer, self.config.vocab_size, f"the tokenizer given for '{path}'")
+            eos = tokenizer.eos_id
+        return hf.save_dir(path, config_to_hf(self, eos), hf_tensors(self), tokenizer, self.config.block_size)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):
@@ -196,3 +210,92 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Hugging Face layout. Names are ours with these differences: `transformer.` is optional (GPT2Model files lack
+# it); HF's Conv1D stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` weights as (in, out), transposed
+# from nn.Linear's (out, in); the causal-mask buffers `attn.bias` / `attn.masked_bias` of old files are not weights;
+# `lm_head.weight` is the tied `wte`.
+
+HF_MODEL_TYPE = "gpt2"
+HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+def is_conv1d_weight(name: str) -> bool:
+    return bool(_CONV1D.search(name))
+
+
+def from_hf_name(name: str) -> str | None:
+    """Our state_dict name for a tensor of a GPT-2 file, or None for one we accept and do not use."""
+    name = name.removeprefix("transformer.")
+    if re.search(r"(^|\.)attn\.(bias|masked_bias)$", name) or name == "lm_head.weight":
+        return None  # causal-mask buffers; the LM head is the tied wte
+    if name.split(".")[0] in ("wte", "wpe", "h", "ln_f"):
+        return "transformer." + name
+    return None  # other heads (score.*, multiple_choice_head.*)
+
+
+def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our tensors under GPT-2's names: the tied head once (as wte), Conv1D weights transposed."""
+    out = {}
+    for name, t in hf.own_tensors(model).items():
+        t = t.detach()
+        out[name] = (t.t() if is_conv1d_weight(name) else t).contiguous().cpu()
+    return out
+
+
+def config_from_hf(raw: dict, where: str = "config.json") -> tuple[GPTConfig, dict]:
+    """(GPTConfig, {key: value} accepted but unused) from a GPT-2 config.json: strict where a setting changes the
+    architecture (the feed-forward width, attention scaling, the activation), tolerant of everything else."""
+    k = hf.ConfigKeys(raw, where)
+    n_embd = k.get("n_embd", 768)
+    k.require("n_inner", 4 * n_embd, "a feed-forward width other than 4 * n_embd")
+    k.require("scale_attn_weights", True, "unscaled attention scores")
+    k.require("scale_attn_by_inverse_layer_idx", False, "attention scaled by the layer index")
+    k.activation("activation_function", "gelu_new", {"tanh"})
+    dropout = k.get("resid_pdrop", 0.1)
+    for other in ("embd_pdrop", "attn_pdrop"):  # one rate serves all three; a different one stays reported
+        if raw.get(other, dropout) == dropout:
+            k.used.add(other)
+    cfg = GPTConfig(
+        vocab_size=k.get("vocab_size", 50257),
+        block_size=k.get("n_positions", raw.get("n_ctx", 1024)),
+        n_layer=k.get("n_layer", 12),
+        n_head=k.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=dropout,
+        bias=True,
+        layer_norm_eps=k.get("layer_norm_epsilon", 1e-5),
+    )
+    k.used.add("n_ctx")
+    return cfg, k.unused()
+
+
+def config_to_hf(model: GPT, eos_id: int | None = None) -> dict:
+    """GPT2LMHeadModel's config.json for this model."""
+    c = model.config
+    if not c.bias:
+        raise TinygraftError("a GPT with bias=False has no Hugging Face GPT-2 equivalent, so it cannot be exported")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": HF_MODEL_TYPE,
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "layer_norm_epsilon": c.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos_id,  # GPT-2 uses <|endoftext|> for both; None when no tokenizer says which id
+        "eos_token_id": eos_id,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

@@ -1,27 +1,23 @@
-"""The Hugging Face checkpoint layout, in and out: `config.json` + `model.safetensors` [+ tokenizer files].
+"""The Hugging Face directory layout, whatever the model: `config.json` + `model.safetensors` [+ tokenizer files].
 
-Names map one to one (our modules are named as in `GPT2LMHeadModel` / `BertModel` / `BertForMaskedLM`), with these
-differences, all handled here:
+This file knows the files, not the models. Each model file maps its own names (models/gpt.py for GPT-2's, with its
+transposed Conv1D weights; models/bert.py for BERT's, with its optional prefix, heads and TF-era names), as nanoGPT
+keeps GPT-2's mapping beside the model; models/pretrained.py picks the model a directory holds. What is here:
 
-    GPT-2   HF's Conv1D stores `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` weights as (in, out): we
-            transpose to nn.Linear's (out, in). `transformer.` is optional (GPT2Model files lack it). The causal-mask
-            buffers `attn.bias` / `attn.masked_bias` of old files are not weights. `lm_head.weight` is `wte`.
-    BERT    `bert.` is optional (BertModel files lack it); the pooler and the MLM head (`cls.predictions.*`) may
-            each be absent. `cls.predictions.decoder.weight` is the word embedding and `.decoder.bias` is
-            `cls.predictions.bias`. `embeddings.position_ids`, `cls.seq_relationship.*` (next-sentence head) and
-            other task heads are accepted and unused. TF-converted files say LayerNorm `gamma`/`beta`.
+    reading   read_config, ConfigKeys (strict about the keys a model reads, the rest reported as unused),
+              weight_files (one file or an index of shards), LazyWeights (headers first, data on demand),
+              load_weights (every tensor placed, shapes checked, the unused ones listed in a LoadReport)
+    writing   save_dir: everything into a temporary sibling directory, fsynced, then renamed into place whole
+    tokenizer tokenizer_files (tokenizer.json + the small configs AutoTokenizer reads), load_tokenizer, which checks
+              that the tokenizer belongs to the checkpoint (every id has an embedding row, pad / eos ids agree)
 
-Config keys are strict where they change the architecture (`position_embedding_type` other than absolute,
-`is_decoder`, `add_cross_attention`, an activation we lack, untied embeddings, ...: an error naming the key) and
-tolerant of everything else (`_name_or_path`, `transformers_version`, `dtype`, `use_cache`, dropout of task heads,
-generation settings): such keys, and tensors we do not use, are recorded in a `LoadReport` for `tinygraft info`.
-The config mapping is in models/hf_config.py (re-exported here).
+Pickled weights (`pytorch_model.bin`, ...) are never read: they are named and refused.
 """
 
 import json
 import os
-import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,16 +26,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tinygraft.core.layers import init_weights
+from tinygraft.core.jsonfile import read_json
+from tinygraft.core.layers import ACTIVATIONS
+from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.errors import TinygraftError
-from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
-from tinygraft.models.gpt import GPT, GPTConfig
-from tinygraft.models.hf_config import CONFIG, config_from_hf, config_to_hf, family_of, read_config  # noqa: F401
 
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
-CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Settings every supported config must have at these values (PretrainedConfig defaults): others change the model.
+FIXED = {
+    "is_decoder": (False, "a BERT decoder with causal attention"),
+    "add_cross_attention": (False, "cross-attention layers"),
+    "is_encoder_decoder": (False, "an encoder-decoder model"),
+    "tie_word_embeddings": (True, "an output layer untied from the word embeddings"),
+    "pruned_heads": ({}, "pruned attention heads"),
+}
 
 
 @dataclass
@@ -58,9 +61,78 @@ class LoadReport:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------------------------------- config.json
+def read_config(path: str | Path) -> dict:
+    """The config.json of a model directory, as a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise TinygraftError(f"pretrained path '{path}' does not exist")
+    if not path.is_dir():
+        raise TinygraftError(f"'{path}' is a file; give the model directory that holds config.json")
+    file = path / CONFIG
+    if not file.is_file():
+        raise TinygraftError(f"'{path}' holds no config.json, so it is not a Hugging Face model directory")
+    return read_json(file, "model config")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory: config.json naming a model_type or architectures (a run's config does not)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        raw = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and ("model_type" in raw or "architectures" in raw)
+
+
+def check_model_type(raw: dict, where: str, model_type: str, architectures: tuple[str, ...], name: str) -> None:
+    """Refuse a config of another model (`name` is how the error calls the wanted one: "GPT-2", "BERT")."""
+    given = raw.get("model_type")
+    if given is None:
+        if not set(raw.get("architectures") or []) & set(architectures):
+            raise TinygraftError(f"{where} names no model_type; tinygraft reads 'gpt2' and 'bert' checkpoints")
+    elif given != model_type:
+        raise TinygraftError(f"{where} describes a {given!r} model, not a {name} model")
+
+
+class ConfigKeys:
+    """Reads a config dict, remembering which keys were used; the rest is reported as accepted but unused."""
+
+    def __init__(self, raw: dict, where: str):
+        self.raw, self.where, self.used = raw, where, {"model_type", "architectures"}
+        for key, (wanted, meaning) in FIXED.items():
+            self.require(key, wanted, meaning)
+
+    def get(self, key: str, default=None):
+        self.used.add(key)
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def require(self, key: str, wanted, meaning: str):
+        value = self.get(key, wanted)
+        if value != wanted:
+            raise TinygraftError(f"{self.where} sets {key}={value!r} ({meaning}), which tinygraft does not implement")
+
+    def activation(self, key: str, default: str, allowed: set[str]) -> str:
+        act = self.get(key, default)
+        if act not in ACTIVATIONS or ACTIVATIONS[act] not in allowed:
+            ok = sorted(a for a, form in ACTIVATIONS.items() if form in allowed)
+            raise TinygraftError(
+                f"{self.where} sets {key}={act!r}, an activation tinygraft does not implement here "
+                f"(known: {', '.join(ok)})"
+            )
+        return act
+
+    def unused(self) -> dict:
+        return {k: v for k, v in self.raw.items() if k not in self.used}
+
+
 # ---------------------------------------------------------------------------------------------- model.safetensors
 def weight_files(path: Path) -> list[Path]:
     """The safetensors file(s) of a directory (one file, or the shards an index names)."""
+    path = Path(path)
     if (path / WEIGHTS).is_file():
         return [path / WEIGHTS]
     if (path / WEIGHTS_INDEX).is_file():
@@ -76,14 +148,14 @@ def weight_files(path: Path) -> list[Path]:
     pickled = [p for p in PICKLED if (path / p).is_file()]
     if pickled:
         raise TinygraftError(
-            f"'{path}' holds weights only as {pickled[0]}, which tinygraft does not read (no "
-            "pickle); convert them to model.safetensors"
+            f"'{path}' holds weights only as {pickled[0]}, which tinygraft does not read (no pickle); convert them to "
+            "model.safetensors"
         )
     raise TinygraftError(f"'{path}' holds no model weights (no {WEIGHTS})")
 
 
-class _Weights:
-    """Lazy view of a directory's tensors: shapes from the headers, data read only when asked for."""
+class LazyWeights:
+    """A directory's tensors: names, shapes and dtypes from the headers, data read only when asked for."""
 
     def __init__(self, path: Path):
         self.files: dict[str, Path] = {}
@@ -115,39 +187,8 @@ class _Weights:
         return out
 
 
-def _classify(name: str, fam: str, target: str) -> tuple[str, str | None]:
-    """Map a file tensor name to ('load', our name) | ('unused', None) | ('foreign', None).
-
-    `target` is "gpt", "bert" (BERT backbone) or "mlm" (BERTForMaskedLM). 'foreign' marks a name in the backbone's
-    namespace that a model with this config does not have: a sign the config and the weights disagree.
-    """
-    if fam == "gpt":
-        name = name.removeprefix("transformer.")
-        if re.search(r"(^|\.)attn\.(bias|masked_bias)$", name) or name == "lm_head.weight":
-            return "unused", None  # causal-mask buffers; the LM head is the tied wte
-        if name.split(".")[0] in ("wte", "wpe", "h", "ln_f"):
-            return "load", "transformer." + name
-        return "unused", None  # other heads (score.*, multiple_choice_head.*)
-    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
-    name = name.removeprefix("bert.")
-    top = name.split(".")[0]
-    if name in ("embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight"):
-        return "unused", None  # buffers; the decoder is the tied word embedding
-    if top in ("embeddings", "encoder", "pooler"):
-        if top == "pooler" and target == "mlm":
-            return "unused", None  # BertForMaskedLM has no pooler
-        return "load", name if target == "bert" else "bert." + name
-    if name.startswith("cls.predictions.") and target == "mlm":
-        return "load", "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
-    return "unused", None  # cls.* for a plain BERT, cls.seq_relationship.*, classifier.*, qa_outputs.*
-
-
-def _hf_shape(our_name: str, shape: torch.Size) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if CONV1D.search(our_name) else tuple(shape)
-
-
-def _own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without tied aliases (lm_head.weight, cls.predictions.decoder.weight)."""
+def own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without tied aliases (lm_head.weight, cls.predictions.decoder.weight): each tensor once."""
     seen, out = set(), {}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in seen:
@@ -156,145 +197,57 @@ def _own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-def inspect_dir(path: str | Path, target: str | None = None):
-    """Read config and weight headers (no tensor data). Returns (cfg, report, plan, weights, heads).
-
-    plan: {our name: file name} of the tensors to load; heads: {"pooler": bool, "mlm": bool} present in the file.
-    `target` None picks "gpt", or "mlm" when a BERT file has a masked-LM head, else "bert".
-    """
-    path = Path(path)
-    raw = read_config(path)
-    where = f"config.json in '{path}'"
-    cfg, unused_config = config_from_hf(raw, where)
-    fam = "gpt" if isinstance(cfg, GPTConfig) else "bert"
-    weights = _Weights(path)
-    names = list(weights.shapes)
-    heads = {
-        "pooler": any(n.removeprefix("bert.").startswith("pooler.") for n in names),
-        "mlm": any(n.startswith("cls.predictions.transform.") for n in names),
-    }
-    if target is None:
-        target = "gpt" if fam == "gpt" else ("mlm" if heads["mlm"] else "bert")
-    if (target == "gpt") != (fam == "gpt"):
-        want = "GPT-2" if target == "gpt" else "BERT"
-        raise TinygraftError(f"{where} describes a {raw.get('model_type', fam)!r} model, not a {want} model")
-    report = LoadReport(str(path), fam, list(raw.get("architectures") or []), unused_config)
-    plan: dict[str, str] = {}
+def plan(names, rename: Callable[[str], str | None]) -> tuple[dict[str, str], list[str]]:
+    """({our name: file name} of the tensors to load, [file names not used]); a second copy of one tensor is unused."""
+    chosen, unused = {}, []
     for name in names:
-        kind, ours = _classify(name, fam, target)
-        if kind == "unused" or ours in plan:  # a second copy (decoder.bias beside predictions.bias) stays unused
-            report.unused_tensors.append(name)
+        ours = rename(name)
+        if ours is None or ours in chosen:
+            unused.append(name)
         else:
-            plan[ours] = name
-    return cfg, report, plan, weights, heads
+            chosen[ours] = name
+    return chosen, unused
 
 
-def load_pretrained_model(
-    path: str | Path, target: str | None = None, new_head: bool = False, dtype: torch.dtype | None = None
-) -> tuple[nn.Module, LoadReport]:
-    """Build GPT / BERT / BERTForMaskedLM from a Hugging Face directory; returns (model, report).
-
-    A head the file lacks (BERT's pooler, the masked-LM head) is an error for BERTForMaskedLM and an absence for
-    BERT, unless `new_head=True`, which initialises it fresh (listed in `report.new_heads`).
-    """
-    cfg, report, plan, weights, heads = inspect_dir(path, target)
-    target = target or ("gpt" if report.family == "gpt" else ("mlm" if heads["mlm"] else "bert"))
-    if target == "mlm" and not heads["mlm"]:
-        if not new_head:
-            raise TinygraftError(
-                f"'{path}' has no masked-LM head (cls.predictions.*); ask for a new head "
-                "(new_head=True) to initialise one"
-            )
-        report.missing_heads.append("masked-LM head")
-        report.new_heads.append("masked-LM head")
-    if target == "bert" and not heads["pooler"]:
-        report.missing_heads.append("pooler")
-        if new_head:
-            report.new_heads.append("pooler")
-    with torch.device("cpu"):
-        if target == "gpt":
-            model = GPT(cfg)
-        elif target == "mlm":
-            model = BERTForMaskedLM(cfg)
-        else:
-            model = BERT(cfg, add_pooler=heads["pooler"] or new_head)
-    own = _own_tensors(model)
-    fresh = ("cls.",) if "masked-LM head" in report.new_heads else ("pooler.",) if report.new_heads else ()
-    foreign = [f for ours, f in plan.items() if ours not in own]
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    report: LoadReport,
+    rename: Callable[[str], str | None],
+    transposed: Callable[[str], bool] = lambda name: False,
+    fresh: tuple[str, ...] = (),
+) -> nn.Module:
+    """Copy a directory's tensors into `model`: `rename` maps a file name to ours (None: accepted, unused),
+    `transposed` names our tensors stored transposed, `fresh` the prefixes of heads initialised here instead."""
+    weights = LazyWeights(Path(path))
+    chosen, report.unused_tensors = plan(weights.shapes, rename)
+    own = own_tensors(model)
+    foreign = [f for ours, f in chosen.items() if ours not in own]
     if foreign:
         raise TinygraftError(
-            f"'{path}' holds tensor {foreign[0]!r}, which a model with its config.json does not "
-            f"have ({len(foreign)} such tensors); the config and the weights disagree"
+            f"'{path}' holds tensor {foreign[0]!r}, which a model with its config.json does not have ({len(foreign)} "
+            "such tensors); the config and the weights disagree"
         )
-    missing = [n for n in own if n not in plan and not n.startswith(fresh)]
+    missing = [n for n in own if n not in chosen and not n.startswith(fresh)]
     if missing:
         raise TinygraftError(f"'{path}' lacks the tensor for {missing[0]!r} ({len(missing)} missing in all)")
-    for ours, name in plan.items():
-        if _hf_shape(ours, own[ours].shape) != weights.shapes[name]:
+    for ours, name in chosen.items():
+        shape = tuple(reversed(own[ours].shape)) if transposed(ours) else tuple(own[ours].shape)
+        if shape != weights.shapes[name]:
             raise TinygraftError(
-                f"tensor {name!r} in '{path}' has shape {list(weights.shapes[name])} but its "
-                f"config.json implies {list(_hf_shape(ours, own[ours].shape))}"
+                f"tensor {name!r} in '{path}' has shape {list(weights.shapes[name])} but its config.json implies "
+                f"{list(shape)}"
             )
-    tensors = weights.load(list(plan.values()))
+    tensors = weights.load(list(chosen.values()))
     with torch.no_grad():
-        for ours, name in plan.items():
+        for ours, name in chosen.items():
             t = tensors[name]
-            own[ours].copy_(t.t() if CONV1D.search(ours) else t)
-    if "masked-LM head" in report.new_heads:
-        model.cls.apply(init_weights)  # the decoder is tied: re-initialising it would touch the embeddings
-        model.cls.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval(), report
+            own[ours].copy_(t.t() if transposed(ours) else t)
+    return model
 
 
-# ---------------------------------------------------------------------------------------------------- saving
-def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our tensors under Hugging Face names: tied copies dropped, Conv1D weights transposed."""
-    if not isinstance(model, GPT | BERT | BERTForMaskedLM):
-        raise TinygraftError(f"a {type(model).__name__} has no Hugging Face layout; export a GPT or a BERT")
-    out = {}
-    for name, t in _own_tensors(model).items():
-        t = t.detach()
-        out[name] = (t.t() if CONV1D.search(name) else t).contiguous().cpu()
-    expected = {n for n in model.state_dict()}
-    if set(out) - expected:
-        raise TinygraftError(f"the model has tensor {sorted(set(out) - expected)[0]!r}, which the layout cannot hold")
-    return out
-
-
-def tokenizer_files(tokenizer, max_length: int) -> dict[str, str]:
-    """tokenizer.json (+ vocab.txt for WordPiece) and the small configs transformers' AutoTokenizer reads."""
-    special = {}
-    for role in ("unk", "cls", "sep", "pad", "mask", "eos"):
-        i = getattr(tokenizer, f"{role}_id", None)
-        if i is not None:
-            special[f"{role}_token"] = tokenizer.id_to_token(i)
-    if "eos_token" in special and tokenizer.kind == "bpe":
-        special["bos_token"] = special["eos_token"]
-    inputs = ["input_ids", "attention_mask"]
-    if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
-        inputs.insert(1, "token_type_ids")  # BERT templates: sentence pairs carry segment ids
-    files = {
-        "tokenizer.json": tokenizer.to_json(),
-        "tokenizer_config.json": json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": max_length,
-                **special,
-                "model_input_names": inputs,
-            },
-            indent=2,
-        ),
-        "special_tokens_map.json": json.dumps(special, indent=2),
-    }
-    if tokenizer.kind == "wordpiece":
-        files["vocab.txt"] = "".join(tokenizer.id_to_token(i) + "\n" for i in range(tokenizer.vocab_size))
-    return files
-
-
-def save_pretrained_model(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+# ------------------------------------------------------------------------------------------------------- writing
+def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer=None, positions=None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) so `transformers` loads the directory unchanged.
 
     Everything is written into a temporary sibling directory and fsynced first; a new directory is then renamed
@@ -303,11 +256,6 @@ def save_pretrained_model(model: nn.Module, path: str | Path, tokenizer=None) ->
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TinygraftError(f"save path '{path}' is a file, not a directory")
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, model.config, where=f"the tokenizer given for '{path}'")
-    eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-    config = config_to_hf(model, eos)
-    tensors = state_dict_to_hf(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     if tmp.exists():
@@ -315,7 +263,6 @@ def save_pretrained_model(model: nn.Module, path: str | Path, tokenizer=None) ->
     tmp.mkdir()
     texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
     if tokenizer is not None:
-        positions = getattr(model.config, "block_size", None) or model.config.max_position_embeddings
         texts.update(tokenizer_files(tokenizer, positions))
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     for name, text in texts.items():
@@ -338,24 +285,51 @@ def save_pretrained_model(model: nn.Module, path: str | Path, tokenizer=None) ->
 
 
 # -------------------------------------------------------------------------------------------------- tokenizers
-def check_tokenizer(tokenizer, config: GPTConfig | BERTConfig, where: str, eos_token_id: int | None = None) -> None:
+def tokenizer_files(tokenizer, max_length: int) -> dict[str, str]:
+    """tokenizer.json (+ vocab.txt for WordPiece) and the small configs transformers' AutoTokenizer reads."""
+    special = {}
+    for role in ("unk", "cls", "sep", "pad", "mask", "eos"):
+        i = getattr(tokenizer, f"{role}_id", None)
+        if i is not None:
+            special[f"{role}_token"] = tokenizer.id_to_token(i)
+    if "eos_token" in special and tokenizer.kind == "bpe":
+        special["bos_token"] = special["eos_token"]
+    inputs = ["input_ids", "attention_mask"]
+    if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
+        inputs.insert(1, "token_type_ids")  # BERT templates: sentence pairs carry segment ids
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        **special,
+        "model_input_names": inputs,
+    }
+    files = {
+        "tokenizer.json": tokenizer.to_json(),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+    }
+    if tokenizer.kind == "wordpiece":
+        files["vocab.txt"] = "".join(tokenizer.id_to_token(i) + "\n" for i in range(tokenizer.vocab_size))
+    return files
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str, pad_id: int | None = None, eos_id: int | None = None):
     """A tokenizer belongs to a checkpoint when every id it makes has an embedding row and the pad / end-of-text
-    ids agree with the config's; otherwise one sentence says how they differ."""
-    rows = config.vocab_size
-    if tokenizer.vocab_size > rows:
+    ids agree with the config's (None: the config names none); otherwise one sentence says how they differ."""
+    if tokenizer.vocab_size > vocab_size:
         raise TinygraftError(
-            f"{where} has {tokenizer.vocab_size} tokens but the model's embedding has only {rows} "
-            "rows, so the tokenizer does not belong to this checkpoint"
+            f"{where} has {tokenizer.vocab_size} tokens but the model's embedding has only {vocab_size} rows, so the "
+            "tokenizer does not belong to this checkpoint"
         )
-    if isinstance(config, BERTConfig) and tokenizer.pad_id is not None and tokenizer.pad_id != config.pad_token_id:
+    if pad_id is not None and tokenizer.pad_id is not None and tokenizer.pad_id != pad_id:
         raise TinygraftError(
-            f"{where} pads with id {tokenizer.pad_id} but the checkpoint's pad_token_id is "
-            f"{config.pad_token_id}, so the tokenizer does not belong to this checkpoint"
+            f"{where} pads with id {tokenizer.pad_id} but the checkpoint's pad_token_id is {pad_id}, so the "
+            "tokenizer does not belong to this checkpoint"
         )
-    if eos_token_id is not None and tokenizer.eos_id != eos_token_id:
+    if eos_id is not None and tokenizer.eos_id != eos_id:
         raise TinygraftError(
-            f"{where} ends text with id {tokenizer.eos_id} but the checkpoint's eos_token_id is "
-            f"{eos_token_id}, so the tokenizer does not belong to this checkpoint"
+            f"{where} ends text with id {tokenizer.eos_id} but the checkpoint's eos_token_id is {eos_id}, so the "
+            "tokenizer does not belong to this checkpoint"
         )
 
 
@@ -364,80 +338,8 @@ def has_tokenizer(path: str | Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()
 
 
-def load_tokenizer(path: str | Path, config: GPTConfig | BERTConfig | None = None):
-    """The TextTokenizer beside a checkpoint, checked against its config."""
-    from tinygraft.data.tokenizer import TextTokenizer
-
-    path = Path(path)
-    tok = TextTokenizer.load(path)
-    raw = read_config(path)
-    if config is None:
-        config, _ = config_from_hf(raw, f"config.json in '{path}'")
-    eos = (
-        raw.get("eos_token_id") if isinstance(config, GPTConfig) and isinstance(raw.get("eos_token_id"), int) else None
-    )
-    check_tokenizer(tok, config, f"the tokenizer in '{path}'", eos)
+def load_tokenizer(path: str | Path, vocab_size: int, pad_id: int | None = None, eos_id: int | None = None):
+    """The TextTokenizer beside a checkpoint, checked against its config (see check_tokenizer)."""
+    tok = TextTokenizer.load(Path(path))
+    check_tokenizer(tok, vocab_size, f"the tokenizer in '{path}'", pad_id, eos_id)
     return tok
-
-
-# ------------------------------------------------------------------------------------------------------ info
-def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory: config.json naming a model_type or architectures (a run's config does not)."""
-    path = Path(path)
-    if not (path / CONFIG).is_file():
-        return False
-    try:
-        raw = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and ("model_type" in raw or "architectures" in raw)
-
-
-def describe_checkpoint(path: str | Path) -> dict:
-    """What `tinygraft info` prints for a pretrained directory; reads only config.json and the weight headers."""
-    cfg, report, plan, weights, heads = inspect_dir(path)
-    params = sum(torch.Size(weights.shapes[f]).numel() for f in plan.values())
-    dtypes = sorted({weights.dtypes[f] for f in plan.values()})
-    info = {
-        "format": "huggingface",
-        "path": str(path),
-        "family": report.family,
-        "architectures": report.architectures,
-        "config": asdict(cfg),
-        "params": params,
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "heads": {"pooler": heads["pooler"], "masked_lm": heads["mlm"]} if report.family == "bert" else {"lm": True},
-        "unused_config": report.unused_config,
-        "unused_tensors": report.unused_tensors,
-        "tokenizer": None,
-        "pooling": None,
-    }
-    if (Path(path) / "modules.json").is_file() or (Path(path) / "1_Pooling").is_dir():
-        from tinygraft.models.pretrained import read_pooling  # pretrained.py imports this module
-
-        info["pooling"] = asdict(read_pooling(path))
-    if has_tokenizer(path):
-        try:
-            tok = load_tokenizer(path, cfg)
-            info["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
-        except TinygraftError as e:
-            info["tokenizer"] = {"error": str(e)}
-    return info
-
-
-def format_description(d: dict) -> str:
-    """`describe_checkpoint` output as the lines `tinygraft info` prints."""
-    tok, pool = d["tokenizer"], d.get("pooling")
-    heads = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in d["heads"].items())
-    lines = [
-        f"pretrained   {d['path']} (Hugging Face layout, {', '.join(d['architectures']) or d['family']})",
-        f"parameters   {d['params']:,} ({d['dtype']})",
-        f"heads        {heads}",
-        "tokenizer    " + ("none" if tok is None else tok.get("error") or f"{tok['kind']}, vocab {tok['vocab_size']}"),
-        "unused       " + (", ".join(d["unused_tensors"]) or "no tensors"),
-        *([f"pooling      {' + '.join(pool['modes'])}{', normalised' if pool['normalize'] else ''}"] if pool else []),
-        "unused keys  " + (", ".join(f"{k}={v!r}" for k, v in d["unused_config"].items()) or "none"),
-        "config",
-    ]
-    lines += [f"  {k} = {v!r}" for k, v in d["config"].items()]
-    return "\n".join(lines)

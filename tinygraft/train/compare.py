@@ -1,24 +1,24 @@
 """`tinygraft compare`: several fine-tuning methods on one task and base model, the table the literature argues about.
 
-    tinygraft compare --from minilm --train sst2/train.tsv --val sst2/dev.tsv --text-col sentence \
+    tinygraft compare --from minilm --train sst2/train.tsv --val sst2/dev.tsv --text-col sentence \\
         --methods full,linear-probe,top-2,gradual-unfreeze,lora --seeds 0,1,2 --out runs/sst2-compare
 
-Trustworthy by construction: every (method, seed) is its own `finetune` process (`python -m
-tinygraft finetune ...`), so its peak memory is its own; the flags are the same for all, so
+Trustworthy by construction: every (method, seed) is its own `finetune` process (`python -m tinygraft finetune
+--config OUT/configs/<method>-seed-<s>.json`), so its peak memory is its own; the settings are the same for all, so
 is the data (the same files, the same fixed `--max-train` subset), the seed (head init, batch order: the batcher's
 permutation depends on the seed alone, not on the method) and the number of steps. Only the learning rate differs:
-each method runs at its own documented default (finetune_methods.DEFAULT_LR), overridden for all by `--lr` or per
-method by `--lr-for lora=1e-3`: one lr for all would misjudge the methods that need larger steps.
+each method runs at its own default (train/methods/), overridden for all by `--lr` or per method by `--lr-for
+lora=1e-3`: one lr for all would misjudge the methods that need larger steps. A method flag (`--lora-r 4`) goes to
+the methods it applies to.
 
-A finished run (its results.json says completed or early-stopped) is reused when compare is run again, and a run
-stopped part-way with the very flags compare would give it continues from its last checkpoint (`finetune --resume`),
-so an interrupted compare goes on where it stopped; `--overwrite` re-runs everything. Writes OUT/compare.md,
+A finished run is reused when compare is run again only if everything that defines it is equal (its saved settings
+and the sha256 of its data files); a run stopped part-way with the very settings compare gives it continues from its
+last checkpoint (`finetune --resume`); any other run in the way is started over. Writes OUT/compare.md,
 compare.json, compare.png and each run under OUT/<method>/seed-<seed>/ (logs in OUT/logs/).
 """
 
-from __future__ import annotations
-
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,11 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from tinygraft.core import checkpoint
 from tinygraft.core.checkpoint import atomic_write, list_steps
+from tinygraft.core.config import to_dict
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
-from tinygraft.train.finetune import run_settings
-from tinygraft.train.finetune_methods import default_lr, make_method
+from tinygraft.train import methods, runs
+from tinygraft.train.config import FinetuneConfig
+from tinygraft.train.plugins import child_env
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -56,39 +59,60 @@ def parse_lr_for(items: list[str]) -> dict[str, float]:
     return out
 
 
-def to_argv(a) -> list[str]:
-    """FinetuneArgs -> the `finetune` flags that differ from the defaults (out, method, seed, lr set by the caller)."""
-    from tinygraft.train.finetune import FinetuneArgs
-
-    defaults = FinetuneArgs(out="")
-    argv = []
-    for f in dataclasses.fields(a):
-        value = getattr(a, f.name)
-        if f.name in ("out", "method", "seed", "lr", "overwrite") or value == getattr(defaults, f.name):
-            continue
-        flag = "--from" if f.name == "from_" else "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):  # (only a non-default value gets here)
-            argv += [flag] if value else ["--no-" + f.name.replace("_", "-")]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+def child_config(cfg: FinetuneConfig, method: str, seed: int, lr: float, given: dict) -> FinetuneConfig:
+    """The settings of one (method, seed) run: `cfg` with that method (and the given method settings it takes),
+    seed and learning rate."""
+    cls, _ = methods.lookup(method, "finetune")
+    own = {f.name for f in dataclasses.fields(cls.Settings)}
+    settings = methods.settings_for(method, {k: v for k, v in given.items() if k in own}, "finetune")
+    train = dataclasses.replace(cfg.train, seed=seed, lr=lr)
+    return dataclasses.replace(cfg, method=method, method_settings=settings, train=train)
 
 
-def run_one(base_argv: list[str], method: str, seed: int, lr: float, out: Path, log: Path, threads: int | None,
-            overwrite: bool, intended: dict) -> dict:  # fmt: skip
-    """One finetune process: reused when finished, resumed when stopped with the same flags, else (re)started.
-    `intended` is the `finetune` section the run's config.json holds when it was started with these flags."""
+def data_digests(cfg: FinetuneConfig) -> dict:
+    paths = {"train": cfg.data.train, "val": cfg.data.val}
+    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items() if v and Path(v).is_file()}
+
+
+def saved_settings(out: Path) -> tuple[dict | None, dict]:
+    """(the run's saved settings, the data digests of its latest checkpoint), or (None, {}) when unreadable."""
+    try:
+        config = runs.upgrade(read_json(out / "config.json", "run config"))
+        state = read_json(checkpoint.resolve(out) / checkpoint.TRAINER_STATE, "checkpoint file")
+    except (TinygraftError, OSError):
+        return None, {}
+    return config.get("finetune"), state.get("data_sha256") or {}
+
+
+def run_one(child: FinetuneConfig, out: Path, log: Path, threads: int | None, overwrite: bool) -> dict:
+    """One finetune process: reused when finished with these very settings and data, resumed when stopped with
+    them, else (re)started."""
+    intended, digests = to_dict(child), data_digests(child)
+    saved, saved_digests = saved_settings(out) if not overwrite else (None, {})
+    same = saved == intended and all(saved_digests.get(k) == v for k, v in digests.items())
     results = out / "results.json"
-    if results.is_file() and not overwrite:
+    if same and results.is_file():
         done = read_json(results, "results file")
-        if done.get("status") in ("completed", "early-stopped") and done.get("lr") == lr:
+        if done.get("status") in ("completed", "early-stopped"):
             return done
-    if not overwrite and _resumable(out, intended):
+    config_file = log.parent.parent / "configs" / f"{log.stem}.json"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(config_file, json.dumps(intended, indent=2) + "\n")
+    if same and list_steps(out / "checkpoints"):
         cmd = [sys.executable, "-m", "tinygraft", "finetune", "--out", str(out), "--resume"]
     else:
-        cmd = [sys.executable, "-m", "tinygraft", "finetune", *base_argv, "--method", method,
-               "--seed", str(seed), "--lr", repr(lr), "--out", str(out), "--overwrite"]  # fmt: skip
-    env = dict(os.environ)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinygraft",
+            "finetune",
+            "--config",
+            str(config_file),
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+    env = child_env(dict(os.environ))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -99,18 +123,10 @@ def run_one(base_argv: list[str], method: str, seed: int, lr: float, out: Path, 
     if code != 0:
         lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {code}"
-        raise TinygraftError(f"the {method} run (seed {seed}) failed: {last.removeprefix('error: ')} (log: {log})")
+        raise TinygraftError(
+            f"the {child.method} run (seed {child.train.seed}) failed: {last.removeprefix('error: ')} (log: {log})"
+        )
     return read_json(results, "results file")
-
-
-def _resumable(out: Path, intended: dict) -> bool:
-    """A run stopped part-way (Ctrl-C, a killed process) with a checkpoint and exactly the flags compare gives it."""
-    if not (out / "config.json").is_file() or not list_steps(out / "checkpoints"):
-        return False
-    try:
-        return read_json(out / "config.json", "run config").get("finetune") == intended
-    except TinygraftError:
-        return False
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -120,36 +136,38 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std (n - 1)
 
 
-def summarize(method: str, runs: list[dict]) -> dict:
-    metric = runs[0]["metric"]
-    values = [r["metrics"].get(metric, float("nan")) for r in runs]
+def summarize(method: str, runs_: list[dict]) -> dict:
+    metric = runs_[0]["metric"]
+    values = [r["metrics"].get(metric, float("nan")) for r in runs_]
     m, s = mean_std(values)
-    first = runs[0]
-    secs = [r.get("train_seconds_excl_eval", r["train_seconds"]) for r in runs]
+    first = runs_[0]
+    secs = [r.get("train_seconds_excl_eval", r["train_seconds"]) for r in runs_]
+    trainable = first.get("trainable_params_max", first["trainable_params"])
     return {
         "method": method,
         "lr": first.get("lr"),
-        "trainable_params": first["trainable_params_max"] if "trainable_params_max" in first else first[
-            "trainable_params"],
+        "trainable_params": trainable,
         "total_params": first["total_params"],
-        "trainable_pct": 100.0 * first.get("trainable_params_max", first["trainable_params"]) / first["total_params"],
-        "optimizer_state_mb": mean_std([r["optimizer_state_mb"] for r in runs])[0],
-        "peak_memory_mb": mean_std([r["peak_memory_mb"] for r in runs])[0],
+        "trainable_pct": 100.0 * trainable / first["total_params"],
+        "optimizer_state_mb": mean_std([r["optimizer_state_mb"] for r in runs_])[0],
+        "peak_memory_mb": mean_std([r["peak_memory_mb"] for r in runs_])[0],
         "train_seconds": mean_std(secs)[0],
-        "tokens_per_s": mean_std([r["tokens_seen"] / max(t, 1e-9) for r, t in zip(runs, secs)])[0],
+        "tokens_per_s": mean_std([r["tokens_seen"] / max(t, 1e-9) for r, t in zip(runs_, secs)])[0],
         "metric": metric,
         "mean": m,
         "std": s,
         "values": values,
-        "seeds": [r.get("seed") for r in runs],
+        "seeds": [r.get("seed") for r in runs_],
         "steps": first["steps"],
     }
 
 
 def markdown(rows: list[dict], title: str) -> str:
     metric = rows[0]["metric"]
-    head = ("| method | lr | trainable params | trainable % | optimizer state MB | peak MB | train s | tokens/s | "
-            f"{metric} (mean ± std, n) |")  # fmt: skip
+    head = (
+        "| method | lr | trainable params | trainable % | optimizer state MB | peak MB | train s | tokens/s | "
+        f"{metric} (mean ± std, n) |"
+    )
     lines = [f"### {title}", "", head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
@@ -161,10 +179,10 @@ def markdown(rows: list[dict], title: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -187,56 +205,58 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def compare(a, methods: list[str], seeds: list[int], lr_for: dict[str, float], threads: int | None = None) -> dict:
-    """Run every method for every seed (seed-major, so a partial compare has every method for the first seed)."""
-    out = Path(a.out)
-    unknown = sorted(set(lr_for) - set(methods))
+def compare(
+    cfg: FinetuneConfig,
+    out: str | Path,
+    names: list[str],
+    seeds: list[int],
+    lr_for: dict[str, float],
+    method_settings: dict | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Run every method for every seed (seed-major, so a partial compare has every method for the first seed).
+    `method_settings`: the method flags given, each passed to the methods it applies to."""
+    out = Path(out)
+    given = dict(method_settings or {})
+    unknown = sorted(set(lr_for) - set(names))
     if unknown:
         raise TinygraftError(f"--lr-for names {unknown[0]!r}, which is not in --methods")
-    for m in methods:  # every name checked (and lora's module found) before the first run starts
-        make_method(m, every=1)
-    base_argv = to_argv(a)
-    lrs = {m: lr_for.get(m, a.lr if a.lr is not None else default_lr(m)) for m in methods}
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    total, i = len(methods) * len(seeds), 0
+    for m in names:  # every name and setting checked before the first run starts
+        child_config(cfg, m, seeds[0], 1.0, given)
+    taken = {f.name for m in names for f in dataclasses.fields(methods.lookup(m)[0].Settings)}
+    stray = sorted(set(given) - taken)
+    if stray:
+        raise TinygraftError(
+            f"--{methods.flag_of(stray[0]) or stray[0]} applies to none of --methods {','.join(names)}"
+        )
+    lrs = {m: lr_for.get(m, cfg.train.lr if cfg.train.lr is not None else methods.default_lr(m)) for m in names}
+    results: dict[str, list[dict]] = {m: [] for m in names}
+    total, i = len(names) * len(seeds), 0
     t0 = time.perf_counter()
     for seed in seeds:
-        for m in methods:
+        for m in names:
             i += 1
-            intended = run_settings(dataclasses.replace(a, method=m, seed=seed, lr=lrs[m]))
-            r = run_one(base_argv, m, seed, lrs[m], out / m / f"seed-{seed}", out / "logs" / f"{m}-seed-{seed}.log",
-                        threads, a.overwrite, intended)  # fmt: skip
-            runs[m].append(r)
+            child = child_config(cfg, m, seed, lrs[m], given)
+            r = run_one(child, out / m / f"seed-{seed}", out / "logs" / f"{m}-seed-{seed}.log", threads, overwrite)
+            results[m].append(r)
             secs = r.get("train_seconds_excl_eval", r["train_seconds"])
             value = r["metrics"].get(r["metric"], float("nan"))
-            print(f"[{i}/{total}] {m} seed {seed} (lr {lrs[m]:g}): {r['metric']} {value:.4f}, {secs:.1f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    rows = [summarize(m, runs[m]) for m in methods]
-    first = runs[methods[0]][0]
-    title = (f"{a.task} on {Path(a.train).name if a.train else 'the stdlib docstring demo'} from "
-             f"{Path(a.from_).name}: {first['steps']} steps of {a.batch_size}, "
-             f"seeds {','.join(map(str, seeds))}")  # fmt: skip
-    report = {"title": title, "rows": rows, "argv": base_argv, "wall_seconds": time.perf_counter() - t0}
+            print(
+                f"[{i}/{total}] {m} seed {seed} (lr {lrs[m]:g}): {r['metric']} {value:.4f}, {secs:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = [summarize(m, results[m]) for m in names]
+    first = results[names[0]][0]
+    data = Path(cfg.data.train).name if cfg.data.train else "the stdlib docstring demo"
+    title = (
+        f"{cfg.task} on {data} from {Path(cfg.source).name}: {first['steps']} steps of {cfg.train.batch_size}, "
+        f"seeds {','.join(map(str, seeds))}"
+    )
+    report = {"title": title, "rows": rows, "settings": to_dict(cfg), "wall_seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "compare.json", json.dumps(report, indent=2) + "\n")
     atomic_write(out / "compare.md", markdown(rows, title))
     plot(rows, out / "compare.png", title)
     return report
-
-
-def compare_command(ns) -> int:
-    from tinygraft.train.finetune_cli import finetune_args_from
-
-    methods = parse_list(ns.methods, "methods")
-    try:
-        seeds = [int(s) for s in parse_list(ns.seeds, "seeds")]
-    except ValueError:
-        raise TinygraftError(f"--seeds {ns.seeds!r} must be comma-separated integers") from None
-    a = finetune_args_from(ns, method=methods[0], seed=seeds[0])
-    from tinygraft.train.finetune import check_args
-
-    check_args(a)
-    report = compare(a, methods, seeds, parse_lr_for(ns.lr_for), ns.threads)
-    print(markdown(report["rows"], report["title"]))
-    print(f"wrote {Path(a.out) / 'compare.md'}, compare.json and compare.png", file=sys.stderr)
-    return 0

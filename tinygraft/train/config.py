@@ -1,16 +1,30 @@
-"""The settings of a training run: typed dataclasses with commented defaults.
+"""The settings of the two training jobs, as typed dataclasses, and the one way they are resolved.
 
-A run's `config.json` is `RunConfig` plus its model config under "model"; `--set section.key=value` reaches any
-field (`--set train.lr=3e-4`, `--set model.n_layer=2`, `--set data.vocab_size=2048`).
+    pretrain   RunConfig (+ its model config under "model"): `--set train.lr=3e-4`, `--set model.n_layer=2`,
+               `--set data.vocab_size=2048`, `--set method_settings.lora_r=4`
+    finetune   FinetuneConfig: `--set train.lr=1e-4`, `--set data.max_length=64`, `--set task_settings.pooling=mean`,
+               `--set method_settings.top_k=3`
 
-A run started `--from` a pretrained directory or another run records that source (an absolute path) in `source`;
-its model settings are the source's, and only the settings in `FROM_TUNABLE` may differ from them.
+Both resolve the same way (`layered`): in rising priority, the base (the saved config.json of a resumed run, or the
+defaults), a `--config FILE.toml`, the command-line flags (each one a --set with a name of its own) and `--set`.
+The method's settings are the method's own dataclass (train/methods/), the task's the task's (tasks/), so an
+unknown key or a value of the wrong type is refused by name and a flag meant for another method or task says so.
+
+A run started `--from` a pretrained directory or another run records that source in `source` (the shipped MiniLM
+by name, anything else by its absolute path); its model settings are the source's, and only the settings in
+`FROM_TUNABLE` may differ from them.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from tinygraft import tasks
+from tinygraft.core.config import apply_overrides, flag_name, from_dict, setting, to_dict
 from tinygraft.errors import TinygraftError
+from tinygraft.models.presets import get_preset
+from tinygraft.tasks.base import DataSettings
+from tinygraft.train import methods
 
 # What may differ between a checkpoint's config and a resumed run's; anything else is refused by name, because it
 # would change the schedule, the data or the model and the run would no longer continue the one it resumes.
@@ -67,7 +81,7 @@ class RunConfig:
     method: str = "full"  # full or lora (--method)
     source: str | None = None  # --from: the pretrained directory or tinygraft run the weights came from
     new_head: bool = False  # --new-head: the source (a BERT without a masked-LM head) got a fresh one
-    method_settings: dict = field(default_factory=dict)  # the method's describe(): LoRA's r, alpha, targets, base
+    method_settings: Any = field(default_factory=dict)  # the method's Settings (LoRA's r, alpha, targets, ...)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -83,11 +97,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def refuse_changes(saved: dict, wanted: dict) -> None:
+def refuse_changes(saved: dict, wanted: dict, allowed: set[str] = RESUMABLE_CHANGES) -> None:
     """On resume: the first setting that differs from the checkpoint's and may not change is an error naming it."""
     a, b = flatten(saved), flatten(wanted)
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
+        if key in allowed or a.get(key) == b.get(key):
             continue
         raise TinygraftError(
             f"--resume keeps the run's settings, but {key} would change from {a.get(key)!r} to {b.get(key)!r}; "
@@ -101,13 +115,28 @@ PRESET_DEFAULTS: dict[str, dict] = {
     "gpt-tiny": {"train": {}, "data": {"vocab_size": 4096}},
     "bert-tiny": {"train": {"lr": 1e-3, "warmup_steps": 30}, "data": {"vocab_size": 4096}},
     "gpt2": {
-        "train": {"steps": 5000, "batch_size": 8, "grad_accum": 4, "seq_len": 1024, "lr": 6e-4, "warmup_steps": 200,
-                  "eval_every": 250},
+        "train": {
+            "steps": 5000,
+            "batch_size": 8,
+            "grad_accum": 4,
+            "seq_len": 1024,
+            "lr": 6e-4,
+            "warmup_steps": 200,
+            "eval_every": 250,
+        },
         "data": {"vocab_size": 50257},
     },
     "bert-base": {
-        "train": {"steps": 5000, "batch_size": 32, "seq_len": 128, "lr": 1e-4, "warmup_steps": 500, "eval_every": 250,
-                  "weight_decay": 0.01, "beta2": 0.999},
+        "train": {
+            "steps": 5000,
+            "batch_size": 32,
+            "seq_len": 128,
+            "lr": 1e-4,
+            "warmup_steps": 500,
+            "eval_every": 250,
+            "weight_decay": 0.01,
+            "beta2": 0.999,
+        },
         "data": {"vocab_size": 30522},
     },
 }
@@ -115,14 +144,11 @@ PRESET_DEFAULTS: dict[str, dict] = {
 
 # Model settings a run `--from` a checkpoint may change: they alter no weight's shape or meaning.
 FROM_TUNABLE = {"dropout", "attention_dropout"}
-# Training defaults of a run `--from` pretrained weights (under --config / flags / --set): a continued pre-training
-# rate, not a from-scratch one, and a higher one for LoRA's freshly initialised adapters (as the LoRA paper does).
-FROM_LR = {"full": 1e-4, "lora": 1e-3}
 
 
 def requested(key: str, file: dict | None, flags: dict, sets: list[str] | None):
-    """A top-level setting ("preset", "method") as the user gave it -- --set key=, a flag, or the --config file --
-    in resolve()'s priority; None when not given."""
+    """A top-level setting ("preset", "method", "task") as the user gave it -- --set key=, a flag, or the --config
+    file -- in `layered`'s priority; None when not given."""
     named = [s.split("=", 1)[1].strip() for s in sets or [] if s.split("=", 1)[0].strip() == key]
     return named[0] if named else flags.get(key) if flags.get(key) is not None else (file or {}).get(key)
 
@@ -135,31 +161,56 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
+def unflatten(flags: dict) -> dict:
+    """{"train.steps": 200, "method": "lora"} -> {"train": {"steps": 200}, "method": "lora"}: flags as a table."""
+    out: dict = {}
+    for key, value in flags.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+NAMES = ("preset", "method", "task")  # top-level names a --set may change; they choose the settings' classes
+
+
+def layered(base: dict, file: dict | None, flags: dict, sets: list[str] | None) -> tuple[dict, list[str]]:
+    """(merged dict, the --set items still to apply): base < --config file < flags < --set of the NAMES. A section
+    of settings that belongs to a method (or task) other than the one chosen is dropped from the base."""
+    merged = merge(merge(base, file or {}), unflatten(flags))
+    rest = []
+    for item in sets or []:
+        if "=" not in item:
+            raise TinygraftError(f"override {item!r} must look like key=value")
+        key, value = (x.strip() for x in item.split("=", 1))
+        if key in NAMES:
+            merged[key] = value
+        else:
+            rest.append(item)
+    for name, section in (("method", "method_settings"), ("task", "task_settings")):
+        if name in base and merged.get(name) != base.get(name):
+            merged[section] = merge({}, (file or {}).get(section, {}) or {})
+            merged[section].update(unflatten(flags).get(section, {}))
+    return merged, rest
+
+
 def resolve(base: dict | None, file: dict | None, flags: dict, sets: list[str] | None):
-    """The run's (RunConfig, model config, full dict) from, in rising priority: `base` (a saved config.json, or
+    """A pre-training run's (RunConfig, model config) from, in rising priority: `base` (a saved config.json, or
     None for the defaults of the preset), a --config file, command-line flags ({"train.steps": 200, ...}) and --set.
     """
-    from tinygraft.core.config import apply_overrides, from_dict, to_dict
-    from tinygraft.models.presets import get_preset
-
-    file = dict(file or {})
-    for key, value in flags.items():  # flags are --set with a name of their own
-        section, name = key.split(".") if "." in key else (None, key)
-        if section is None:
-            file[name] = value
-        else:
-            file.setdefault(section, {})[name] = value
-    sets = list(sets or [])
-    preset = next((s.split("=", 1)[1].strip() for s in sets if s.split("=", 1)[0].strip() == "preset"), None)
-    preset = preset or file.get("preset") or (base or {}).get("preset") or RunConfig.preset
+    preset = requested("preset", file, {}, sets) or flags.get("preset") or (file or {}).get("preset")
+    preset = preset or (base or {}).get("preset") or RunConfig.preset
     if not isinstance(preset, str):
         raise TinygraftError(f"preset must be a string, got {preset!r}")
     model_cfg = get_preset(preset)  # unknown names are refused here, naming the known ones
     if base is None:
         base = merge({"preset": preset, "model": to_dict(model_cfg)}, PRESET_DEFAULTS.get(preset, {}))
-    merged = merge(base, file)
+    merged, sets = layered(base, file, flags, sets)
     model_dict = merged.pop("model", {}) or {}
     run = from_dict(RunConfig, merged)
+    run = dataclasses.replace(run, method_settings=methods.settings_for(run.method, run.method_settings, "pretrain"))
     model_cfg = from_dict(type(model_cfg), merge(to_dict(model_cfg), model_dict), "model")
     run = apply_overrides(run, [s for s in sets if not s.strip().startswith("model.")])
     model_cfg = apply_overrides(model_cfg, [s.strip()[len("model.") :] for s in sets if s.strip().startswith("model.")])
@@ -167,8 +218,6 @@ def resolve(base: dict | None, file: dict | None, flags: dict, sets: list[str] |
 
 
 def full_dict(run: RunConfig, model_cfg) -> dict:
-    from tinygraft.core.config import to_dict
-
     return {**to_dict(run), "model": to_dict(model_cfg)}
 
 
@@ -176,3 +225,76 @@ def explicit_model_keys(file: dict | None, sets: list[str] | None) -> set[str]:
     """Model fields the user set on purpose (so a tokenizer may not silently replace them)."""
     keys = set((file or {}).get("model", {}) or {})
     return keys | {s.split("=", 1)[0].strip()[len("model.") :] for s in sets or [] if s.strip().startswith("model.")}
+
+
+# ----------------------------------------------------------------------------------------------------- finetune
+@dataclass
+class FinetuneTrain:
+    """The schedule of a fine-tuning run (section `train`): BERT's and `transformers`' usual one."""
+
+    epochs: int = setting(3, "passes over the training data")
+    steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
+    batch_size: int = setting(32, "examples per batch")
+    eval_batch_size: int = setting(64, "examples per validation batch")
+    lr: float | None = setting(None, "peak learning rate (default: the method's own)")
+    seed: int = setting(0, "head init, data order and dropout")
+    warmup: float = setting(0.1, "warmup as a fraction of the steps (then linear decay to 0)")
+    weight_decay: float = setting(0.01, "decoupled weight decay of the matrices")
+    eval_every: int | None = setting(None, "steps between evaluations (default: one epoch)")
+    patience: int | None = setting(None, "stop after this many evaluations without a better validation metric")
+    keep: int = setting(1, "step checkpoints kept besides the best")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    compile: bool = setting(False, "torch.compile the model")
+    optimizer: Literal["auto", "torch", "fused"] = setting(
+        "auto", "AdamW: tinygraft's fused kernel on CUDA and torch's fused one elsewhere (auto), torch's, or ours"
+    )
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "keep"):
+            if getattr(self, name) < 1:
+                raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "eval_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise TinygraftError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.lr is not None and self.lr <= 0:
+            raise TinygraftError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: where the backbone comes from, the task and its data, the method, the schedule."""
+
+    source: str = setting("minilm", "HF model directory, 'minilm' (default), or a tinygraft run", flag="from")
+    task: str = setting("classify", "the task (tinygraft/tasks/): classify, tokens, qa, similarity, instruct")
+    method: str = setting(
+        "full", "full, linear-probe, top-k (or top-K: top-2), gradual-unfreeze, lora (train/methods/)"
+    )
+    data: DataSettings = field(default_factory=DataSettings)
+    train: FinetuneTrain = field(default_factory=FinetuneTrain)
+    task_settings: Any = field(default_factory=dict)  # the task's Settings
+    method_settings: Any = field(default_factory=dict)  # the method's Settings
+
+
+def resolve_finetune(base: dict | None, file: dict | None, flags: dict, sets: list[str] | None) -> FinetuneConfig:
+    """A fine-tuning run's config from, in rising priority: `base` (a resumed run's saved config, or None for the
+    defaults), a --config file, the flags ({"train.lr": 1e-3, "task_settings.pooling": "mean", ...}) and --set."""
+    merged, sets = layered(base or {}, file, flags, sets)
+    cfg = from_dict(FinetuneConfig, merged)
+    cfg = dataclasses.replace(
+        cfg,
+        task_settings=tasks.settings_for(cfg.task, cfg.task_settings),
+        method_settings=methods.settings_for(cfg.method, cfg.method_settings, "finetune"),
+    )
+    return apply_overrides(cfg, sets)
+
+
+def finetune_flag(cfg: FinetuneConfig, key: str) -> str:
+    """The command-line flag of a dotted setting ("train.lr" -> "--lr"), or "--set KEY" for one without a flag."""
+    owner, name = cfg, key
+    if "." in key:
+        section, name = key.split(".", 1)
+        owner = getattr(cfg, section, None)
+    fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+    return f"--{flag_name(fields[name])}" if name in fields else f"--set {key}"

@@ -7,12 +7,13 @@ One optimizer step, top to bottom:
     for each of grad_accum micro-batches:
         batch = batcher.next()
         loss = job.loss_fn(model, batch)      # under bf16 autocast on CUDA, fp32 on CPU
+        loss += the job's extra terms (distillation), the method's penalty and every regulariser's (EWC)
         (loss / grad_accum).backward()
     clip the global grad norm; optimizer.step(); zero the grads
     every log_every steps: a train row in metrics.jsonl; every eval_every steps (and the last): evaluate, checkpoint
 
 What changes between jobs is in `Job` (the model, its batcher, loss and evaluation) and in the `Method`
-(train/methods.py); nothing here knows which model or task it trains.
+(train/methods/); nothing here knows which model or task it trains.
 
 Exact resume: a checkpoint stores the weights, the optimizer state, the batcher's position and the python / numpy /
 torch RNG states at a step boundary, and evaluation runs with the RNG states saved and restored, so a run stopped at
@@ -37,7 +38,7 @@ from torch import nn
 from tinygraft.core import checkpoint
 from tinygraft.errors import TinygraftError
 from tinygraft.train.config import TrainConfig
-from tinygraft.train.methods import Method
+from tinygraft.train.methods.base import Method
 from tinygraft.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from tinygraft.train.plots import plot_metrics
 from tinygraft.train.progress import Progress
@@ -63,6 +64,10 @@ class Job:
     extra_results: dict = field(default_factory=dict)  # job-specific entries for results.json
     extra_state: dict = field(default_factory=dict)  # job-specific entries for trainer_state.json
     should_stop: Callable[[int, dict], bool] | None = None  # early stopping: (step, best) after each evaluation
+    # Loss terms beside the objective's, each (model, batch) -> scalar tensor: a distillation term, say.
+    loss_terms: list[Callable[[nn.Module, Any], torch.Tensor]] = field(default_factory=list)
+    # Regularisers that combine with any method, each with .penalty(model) -> scalar tensor | None (EWC, say).
+    regularizers: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +211,7 @@ def train(
         job.method.load_state_dict(model, {k: v.to(device) for k, v in resume.model.items()})
         if resume.optimizer is None:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} holds no optimizer state, so it cannot be resumed")
+        check_optimizer_state(optimizer, resume.optimizer, repr(str(resume.path)))
         optimizer.load_state_dict(resume.optimizer)
         state = resume.trainer_state
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
@@ -279,6 +285,7 @@ def train(
                 batch = to_device(job.batcher.next(), device)
                 with autocast():
                     loss = job.loss_fn(step_model, batch)
+                    loss = add_terms(loss, job, model, step_model, batch)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TinygraftError(
@@ -300,8 +307,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += step_tokens
-            window_loss, window_steps, window_tokens = (window_loss + step_loss, window_steps + 1,
-                                                       window_tokens + step_tokens)
+            window_loss, window_steps, window_tokens = (
+                window_loss + step_loss,
+                window_steps + 1,
+                window_tokens + step_tokens,
+            )
 
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - t_window, 1e-9)
@@ -309,8 +319,13 @@ def train(
             if step % cfg.log_every == 0 or step == last:
                 run.log(
                     dict(
-                        step=step, split="train", loss=window_loss / window_steps, lr=lr, tokens_per_s=tokens_per_s,
-                        grad_norm=grad_norm, elapsed_s=elapsed_before + now - t_start,
+                        step=step,
+                        split="train",
+                        loss=window_loss / window_steps,
+                        lr=lr,
+                        tokens_per_s=tokens_per_s,
+                        grad_norm=grad_norm,
+                        elapsed_s=elapsed_before + now - t_start,
                     )
                 )
                 t_window, window_loss, window_steps, window_tokens = now, 0.0, 0, 0
@@ -327,8 +342,13 @@ def train(
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 run.log(dict(step=step, split="val", **last_val, elapsed_s=elapsed))
                 value = last_val.get(job.metric)
-                improved = scheduled and value is not None and (
-                    best["value"] is None or (value > best["value"] if job.higher_is_better else value < best["value"])
+                improved = (
+                    scheduled
+                    and value is not None
+                    and (
+                        best["value"] is None
+                        or (value > best["value"] if job.higher_is_better else value < best["value"])
+                    )
                 )
                 if improved:
                     best = {"metric": job.metric, "value": value, "step": step, "metrics": dict(last_val)}
@@ -371,6 +391,44 @@ def train(
     return Outcome(status, step, results)
 
 
+def add_terms(loss: torch.Tensor, job: Job, model: nn.Module, step_model: nn.Module, batch) -> torch.Tensor:
+    """The objective's loss plus the job's extra terms, the method's penalty and the regularisers' penalties."""
+    for term in job.loss_terms:
+        loss = loss + term(step_model, batch)
+    for source in (job.method, *job.regularizers):
+        extra = source.penalty(model)
+        if extra is not None:
+            loss = loss + extra
+    return loss
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:
+    """A checkpoint's optimizer state must fit this run's parameters group by group, tensor by tensor: loading
+    maps state by position, so a run that lists its parameters in another order would otherwise take another
+    tensor's moments without a word."""
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise TinygraftError(
+            f"the optimizer state in {where} has {len(groups)} parameter groups, this run "
+            f"{len(optimizer.param_groups)}; it cannot continue exactly"
+        )
+    for ours, theirs in zip(optimizer.param_groups, groups):
+        if len(ours["params"]) != len(theirs["params"]):
+            raise TinygraftError(
+                f"the optimizer state in {where} does not fit this run's parameters (group "
+                f"{theirs.get('name', '?')!r} holds {len(theirs['params'])} tensors, this run "
+                f"{len(ours['params'])}); it cannot continue exactly"
+            )
+        for p, index in zip(ours["params"], theirs["params"]):
+            state = saved["state"].get(index, {})
+            moment = state.get("exp_avg")
+            if isinstance(moment, torch.Tensor) and tuple(moment.shape) != tuple(p.shape):
+                raise TinygraftError(
+                    f"the optimizer state in {where} holds a {tuple(moment.shape)} moment where "
+                    f"this run's parameter is {tuple(p.shape)}; it cannot continue exactly"
+                )
+
+
 def _unique(params):
     seen = set()
     for p in params:
@@ -382,4 +440,3 @@ def _unique(params):
 def _latest_name(run: RunDir) -> str:
     pointer = run.checkpoints / "latest"
     return repr(str(run.checkpoints / pointer.read_text().strip())) if pointer.is_file() else "none (none was saved)"
-

@@ -1,8 +1,9 @@
 """AdamW parameter groups and learning-rate schedules.
 
 Decoupled weight decay (Loshchilov & Hutter, 2019) shrinks weight matrices only: biases, norm gains and
-embedding tables are excluded (as in GPT-2/nanoGPT and BERT), because decaying them pulls features towards
-zero without regularizing anything useful.
+embedding tables are excluded (as minGPT does, and BERT's recipe for its biases and LayerNorms; nanoGPT decays every
+2-d tensor, its embeddings included), because decaying them pulls features towards zero without regularizing
+anything useful.
 
 A method hands the loop its groups as `{"params": [...], "lr_scale": s, "name": ...}`; `param_groups` splits
 each into a decayed and a non-decayed half. The schedule gives the base learning rate of a step; every group
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from tinygraft.errors import TinygraftError
+from tinygraft.kernels.adamw import FusedAdamW
 
 
 def no_decay_ids(model: nn.Module) -> set[int]:
@@ -49,25 +51,13 @@ def param_groups(model: nn.Module, groups: list[dict], weight_decay: float) -> l
     return out
 
 
-def fused_adamw_class():
-    """tinygraft's fused AdamW (Triton) when it is importable, else None."""
-    try:
-        from tinygraft.kernels.adamw import FusedAdamW
-    except ImportError:
-        return None
-    return FusedAdamW
-
-
 def build_optimizer(groups: list[dict], choice: str, device: torch.device, lr: float, betas, eps: float):
     """`choice`: 'torch' (torch.optim.AdamW), 'fused' (ours), or 'auto' (ours on CUDA when present, else torch).
 
     All keep the same state_dict format, so a checkpoint written by one loads into the other.
     """
-    fused = fused_adamw_class()
-    if choice == "fused" and fused is None:
-        raise TinygraftError("train.optimizer='fused' needs tinygraft.kernels.adamw, which is not available")
-    if choice == "fused" or (choice == "auto" and fused is not None and device.type == "cuda"):
-        return fused(groups, lr=lr, betas=tuple(betas), eps=eps)
+    if choice == "fused" or (choice == "auto" and device.type == "cuda"):
+        return FusedAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_torch_fused_ok(groups) or None)
 
 

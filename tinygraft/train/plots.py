@@ -6,10 +6,10 @@ LOSS_KEYS = ("loss", "perplexity")
 
 
 def plot_metrics(rows: list[dict], path: str | Path, metric: str | None = None) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib loads only when a chart is drawn)
 
     matplotlib.use("Agg")  # no display needed; only a file is written
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     train = [r for r in rows if r.get("split") == "train" and "loss" in r]
     val = [r for r in rows if r.get("split") == "val" and "loss" in r]

@@ -1,39 +1,38 @@
 """`tinygraft pretrain`: config -> corpus -> tokenizer -> token cache -> batcher -> model -> the loop.
 
-GPT presets train a causal language model (predict token t+1 from tokens <= t); BERT presets train a masked
-language model (predict the 15% of tokens the batcher chose, from both sides). Everything specific to the two lives
-in `causal_lm_*` / `mlm_*`; the loop (train/loop.py) is the same.
+GPT presets train a causal language model, BERT presets a masked language model (tasks/lm.py: the two objectives);
+the loop (train/loop.py) is the same.
 
-`--from PATH` continues pre-training from a pretrained directory or another run (train/sources.py): its weights,
-its tokenizer and its model settings (a preset or `model.*` setting that changes the architecture is refused by
-name). `--method lora` trains low-rank adapters over a frozen base (train/lora_method.py); over a Hugging Face
-directory its checkpoints hold only the adapter and the base's path and sha256.
+`--from PATH` continues pre-training from a pretrained directory or another run (train/runs.py reads it): its
+weights, its tokenizer and its model settings (a preset or `model.*` setting that changes the architecture is
+refused by name). `--method lora` (any adapter method) trains adapters over a frozen base; over a Hugging Face
+directory its checkpoints hold only the adapter and the base's name or path and sha256.
 """
 
 import dataclasses
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tinygraft.core import checkpoint
-from tinygraft.data.batching import CausalLMBatcher, MLMBatcher, eval_batches
+from tinygraft.core.config import load_toml, to_dict
 from tinygraft.data.corpus import TokenCache, read_corpus
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
-from tinygraft.models.presets import build_model, family
+from tinygraft.models.presets import build_model, family, get_preset
+from tinygraft.models.pretrained import inspect, load_pretrained_model, locate, record_name, resolve_pretrained
+from tinygraft.peft.adapters import adapter_layers, unload
+from tinygraft.tasks.lm import objective_for, unigram_entropy
 from tinygraft.train import config as C
+from tinygraft.train import methods, runs
 from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, train
-from tinygraft.train.methods import Full, Method, get_method
+from tinygraft.train.methods.adapter import AdapterMethod, check_base, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
-from tinygraft.train.sources import Source, load_source, resolve_source
 
 
-# ------------------------------------------------------------------------------------------------ checks
 def positions(model_cfg) -> int:
     return model_cfg.block_size if family(model_cfg) == "gpt" else model_cfg.max_position_embeddings
 
@@ -57,52 +56,6 @@ def check_fit(run: C.RunConfig, model_cfg, tokenizer: TextTokenizer, explicit: s
     return model_cfg
 
 
-def unigram_entropy(tokens: np.ndarray) -> float:
-    """Entropy (nats) of the tokens' own frequency distribution: the loss of the best context-free predictor."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64))
-    p = counts[counts > 0] / len(tokens)
-    return float(-(p * np.log(p)).sum())
-
-
-# ------------------------------------------------------------------------------------------------ the two jobs
-def causal_lm_loss(model, batch):
-    x, y = batch
-    return model(x, y)[1]
-
-
-def causal_lm_eval(val: np.ndarray, batch_size: int, seq_len: int, max_batches: int, device):
-    def evaluate(model) -> dict:
-        total, count = 0.0, 0
-        for x, y in eval_batches(val, batch_size, seq_len, max_batches):
-            loss = model(x.to(device), y.to(device))[1]
-            total, count = total + float(loss) * y.numel(), count + y.numel()
-        loss = total / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-    return evaluate
-
-
-def mlm_loss(model, batch):
-    return model(**batch)[1]
-
-
-def mlm_eval(val: np.ndarray, tokenizer, batch_size: int, seq_len: int, max_batches: int, mask_prob: float, device):
-    def evaluate(model) -> dict:
-        # A fresh batcher with a fixed seed each time: every evaluation scores the same masked positions.
-        batcher = MLMBatcher(val, batch_size, seq_len, tokenizer, seed=0, mask_prob=mask_prob)
-        total, count = 0.0, 0
-        for _ in range(max_batches):
-            batch = {k: v.to(device) for k, v in batcher.next().items()}
-            n = int((batch["labels"] != -100).sum())
-            if n:
-                total, count = total + float(model(**batch)[1]) * n, count + n
-        loss = total / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-    return evaluate
-
-
-# ------------------------------------------------------------------------------------------------ the command
 @dataclass
 class PretrainArgs:
     out: str
@@ -119,30 +72,58 @@ class PretrainArgs:
     sets: list[str] | None = None
     from_: str | None = None  # --from: a Hugging Face directory, 'minilm', or a tinygraft run or checkpoint
     new_head: bool = False  # --new-head: give a BERT source without a masked-LM head a fresh one
-    method: str | None = None  # full (default) or lora
-    lora: dict | None = None  # the --lora-* settings given: {"r": 4, "alpha": ..., "targets": ...}; absent = default
+    method: str | None = None  # full (default) or an adapter method
+    method_settings: dict = field(default_factory=dict)  # the method flags given: {"r": 4, ...}; absent = default
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def lora_defaults() -> dict:
-    """The --lora-* defaults (lora_cli's), as LoRAMethod keyword arguments."""
-    import argparse
+# ------------------------------------------------------------------------------------------------- the source
+@dataclass
+class Source:
+    path: Path
+    model: torch.nn.Module  # GPT or BERTForMaskedLM, without adapters, on the CPU
+    tokenizer: TextTokenizer
+    base_file: Path | None  # the directory an adapter run can read its frozen base from again, byte for byte
+    new_heads: list[str]
+    notes: list[str]
 
-    from tinygraft.train.lora_cli import add_lora_arguments, lora_settings_from_args
 
-    parser = argparse.ArgumentParser(add_help=False)
-    add_lora_arguments(parser)
-    return lora_settings_from_args(parser.parse_args([]))
+def load_source(spec: str, new_head: bool = False) -> Source:
+    """What `--from` names, as a language model to pre-train further."""
+    kind, path, _ = runs.locate_spec(spec)
+    notes = []
+    if kind == "finetune":
+        raise TinygraftError(
+            f"--from '{path}' is a fine-tuning run; export its backbone (`tinygraft export RUN --to "
+            "DIR`) and start from that directory (with --new-head for a BERT)"
+        )
+    if kind == "huggingface":
+        found = inspect(path)  # config.json and weight headers only
+        is_gpt = found.family == "gpt"
+        if not is_gpt and not found.heads["mlm"] and not new_head:
+            raise TinygraftError(
+                f"--from '{path}' is a BERT without a masked-LM head (cls.predictions.*), which masked-LM pre-training "
+                "trains; add --new-head to start one from a fresh initialisation"
+            )
+        if new_head and (is_gpt or found.heads["mlm"]):
+            notes.append(f"--new-head has no effect: '{path}' has its {'LM' if is_gpt else 'masked-LM'} head")
+    loaded = runs.load(path, target="lm", new_head=new_head)
+    model = loaded.model
+    if loaded.report is not None and loaded.report.new_heads:
+        notes.append(f"new {', '.join(loaded.report.new_heads)} initialised fresh (not in '{path}')")
+    if next(adapter_layers(model), None) is not None:
+        model = unload(model, merge=True)
+        notes.append("the run's adapter is merged into its base weights")
+    model.requires_grad_(True)
+    new_heads = list(loaded.report.new_heads) if loaded.report is not None else []
+    return Source(path.resolve(), model.train(), loaded.tokenizer, loaded.base_file, new_heads, notes + loaded.notes)
 
 
 def resolve_from(source: Source, file: dict | None, flags: dict, sets: list[str] | None):
     """(RunConfig, model config) of a new run `--from` a source: the model settings are the source's."""
-    from tinygraft.core.config import to_dict
-    from tinygraft.models.presets import get_preset
-
     src_cfg, where = source.model.config, f"--from '{source.path}'"
     fam = family(src_cfg)
     asked = C.requested("preset", file, flags, sets)
@@ -159,14 +140,17 @@ def resolve_from(source: Source, file: dict | None, flags: dict, sets: list[str]
                     f"--preset {asked} would change model.{k} of {where} from {v!r} to {getattr(preset_cfg, k)!r}; "
                     "drop --preset (with --from the model is the checkpoint's)"
                 )
-    method = C.requested("method", file, flags, sets) or "full"
+    method = str(C.requested("method", file, flags, sets) or "full")
+    cls, _ = methods.lookup(method, "pretrain")
     base = {
         "preset": asked or ("gpt2" if fam == "gpt" else "bert-base"),  # names the model family; "model" has the rest
-        "source": str(source.path),
+        "source": record_name(source.path),
         "new_head": bool(source.new_heads),
         "model": to_dict(src_cfg),
-        "train": {"lr": C.FROM_LR.get(str(method), C.FROM_LR["full"]),
-                  "seq_len": min(C.TrainConfig.seq_len, positions(src_cfg))},  # fmt: skip
+        "train": {
+            "lr": cls.from_lr or methods.METHODS["full"].from_lr,
+            "seq_len": min(C.TrainConfig.seq_len, positions(src_cfg)),
+        },
     }
     run, model_cfg = C.resolve(base, file, flags, sets)
     wanted = to_dict(model_cfg)
@@ -178,67 +162,49 @@ def resolve_from(source: Source, file: dict | None, flags: dict, sets: list[str]
             )
     if run.data.tokenizer:
         raise TinygraftError(f"{where} brings its own tokenizer; drop data.tokenizer={run.data.tokenizer!r}")
-    return dataclasses.replace(run, source=str(source.path), new_head=bool(source.new_heads)), model_cfg
+    return dataclasses.replace(run, source=record_name(source.path), new_head=bool(source.new_heads)), model_cfg
 
 
-def build_method(run: C.RunConfig, lora_given: dict, source: Source | None, resume) -> tuple[Method, C.RunConfig]:
-    """The method object and the run config with its `method_settings` (what --resume compares)."""
-    if run.method not in ("full", "lora"):
-        raise TinygraftError(f"pretrain trains with --method full or lora, not {run.method!r}")
-    if run.method == "full":
-        if lora_given:
-            flag = {"use_rslora": "rslora"}.get(next(iter(lora_given)), next(iter(lora_given)))
-            raise TinygraftError(f"--lora-{flag} applies only with --method lora")
-        return Full(), dataclasses.replace(run, method_settings={})
-    from types import SimpleNamespace
-
-    from tinygraft.train.lora_cli import lora_method_from_args
-    from tinygraft.train.lora_method import LoRAMethod
-
+def build_method(run: C.RunConfig, source: Source | None, resume) -> methods.Method:
+    method = methods.make_method(run.method, run.method_settings, "pretrain")
+    if not isinstance(method, AdapterMethod):
+        return method
     if resume is not None:
-        saved = resume.config.get("method_settings") or {}
-        keep = {k: saved[k] for k in ("r", "alpha", "dropout", "targets", "use_rslora") if k in saved}
-        wanted = LoRAMethod(**{**lora_defaults(), **keep, **lora_given}, base_path=saved.get("base"))
-        return LoRAMethod.from_checkpoint(resume.path), dataclasses.replace(run, method_settings=wanted.describe())
+        if is_adapter_checkpoint(resume.path):
+            record = read_base_record(resume.path)
+            return type(method)(run.method_settings, record["path"], record["sha256"])
+        return method
     if source is not None and source.new_heads:
         raise TinygraftError(
-            "--method lora freezes the base, so the fresh masked-LM head of --new-head would never train; pre-train "
-            "it with --method full first, or start from a BERT that has one"
+            f"--method {run.method} freezes the base, so the fresh masked-LM head of --new-head would never train; "
+            "pre-train it with --method full first, or start from a BERT that has one"
         )
-    settings = {**lora_defaults(), **lora_given}
-    args = SimpleNamespace(lora_r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                           lora_targets=settings["targets"], lora_rslora=settings["use_rslora"])  # fmt: skip
-    base = source.base_file if source is not None else None
-    method = lora_method_from_args(args, base_path=base)
-    method.find_base = False  # a base with no file of its own (a preset, a run) is kept whole in each checkpoint
-    return method, dataclasses.replace(run, method_settings=method.describe())
+    method.bind_base(source.base_file if source is not None else None)  # no file (a preset, a run): kept whole
+    return method
 
 
-def initial_model(model_cfg, source: Source | None, method: Method):
-    """The model before training: the source's weights, or on resume the frozen base a LoRA checkpoint lacks (the
-    loop then loads the checkpoint's tensors), or a fresh initialisation. Built from `model_cfg` so a changed
+def initial_model(model_cfg, source: Source | None, method: methods.Method):
+    """The model before training: the source's weights, or on resume the frozen base an adapter checkpoint lacks
+    (the loop then loads the checkpoint's tensors), or a fresh initialisation. Built from `model_cfg` so a changed
     dropout takes effect."""
     model = build_model(model_cfg)
     if source is not None:
         model.load_state_dict(source.model.state_dict())
-    elif getattr(method, "base_sha256", None) is not None and method.base_path is not None:
-        from tinygraft.models import hf
-        from tinygraft.train.lora_method import check_base
-
-        check_base(method.base_path, method.base_sha256)
-        base, _ = hf.load_pretrained_model(method.base_path, "gpt" if family(model_cfg) == "gpt" else "mlm")
+    elif isinstance(method, AdapterMethod) and method.base is not None and method.base_sha256 is not None:
+        check_base(method.base, method.base_sha256, method.label)
+        base = load_pretrained_model(locate(method.base), "lm")
         model.load_state_dict(base.state_dict())
     return model
 
 
+# ------------------------------------------------------------------------------------------------ the command
 def pretrain(args: PretrainArgs) -> Outcome:
-    from tinygraft.core.config import load_toml
-
     run_dir = RunDir(args.out)
-    flags = {"preset": args.preset, "data.corpus": args.data, "train.steps": args.steps, "train.device": args.device,
-             "train.seed": args.seed, "train.keep": args.keep, "method": args.method}
+    flags = {"preset": args.preset, "data.corpus": runs.record_path(args.data, run_dir.path) if args.data else None,
+             "train.steps": args.steps, "train.device": args.device, "train.seed": args.seed, "train.keep": args.keep,
+             "method": args.method}  # fmt: skip
     flags = {k: v for k, v in flags.items() if v is not None}
-    lora_given = {k: v for k, v in (args.lora or {}).items() if v is not None}
+    flags.update({f"method_settings.{k}": v for k, v in args.method_settings.items() if v is not None})
     file = load_toml(args.config) if args.config else None
     if args.stop_at is not None and args.stop_at < 1:
         raise TinygraftError(f"--stop-at must be at least 1, got {args.stop_at}")
@@ -249,16 +215,21 @@ def pretrain(args: PretrainArgs) -> Outcome:
     resume, source, tokenizer = None, None, None
     if args.resume:
         resume = checkpoint.load(run_dir.path)
-        saved = resume.config
-        if args.from_ is not None:
-            flags["source"] = str(resolve_source(args.from_))  # a different source is refused below, by name
+        saved = runs.upgrade(resume.config)
+        if saved.get("kind") == "finetune":
+            raise TinygraftError(
+                f"{str(run_dir.path)!r} holds a fine-tuning run; continue it with 'tinygraft finetune --resume'"
+            )
+        saved = {k: v for k, v in saved.items() if k != "format"}
+        if args.from_ is not None:  # a different source is refused below, by name
+            given = resolve_pretrained(args.from_)
+            if not given.exists():
+                raise TinygraftError(f"--from {args.from_!r} does not exist")
+            flags["source"] = record_name(given)
         run, model_cfg = C.resolve(saved, file, flags, args.sets)
-        # The saved settings with today's defaults filled in (a run saved before a setting existed has none); checked
-        # before the method is rebuilt (a changed --method) and after (changed --lora-* settings).
-        saved_full = C.full_dict(*C.resolve(saved, None, {}, None))
-        C.refuse_changes(saved_full, C.full_dict(run, model_cfg))
-        method, run = build_method(run, lora_given, None, resume)
-        C.refuse_changes(saved_full, C.full_dict(run, model_cfg))
+        # The saved settings with today's defaults filled in (a run saved before a setting existed has none).
+        C.refuse_changes(C.full_dict(*C.resolve(saved, None, {}, None)), C.full_dict(run, model_cfg))
+        method = build_method(run, None, resume)
         if resume.tokenizer_path is None:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} is incomplete: tokenizer.json is missing")
         tokenizer = TextTokenizer.load(resume.tokenizer_path)
@@ -268,19 +239,20 @@ def pretrain(args: PretrainArgs) -> Outcome:
         for note in source.notes:
             say(f"note: {note}")
         run, model_cfg = resolve_from(source, file, flags, args.sets)
-        method, run = build_method(run, lora_given, source, None)
+        method = build_method(run, source, None)
         tokenizer = source.tokenizer
     else:
         run, model_cfg = C.resolve(None, file, flags, args.sets)
-        method, run = build_method(run, lora_given, None, None)
+        method = build_method(run, None, None)
     if args.stop_at is not None and args.stop_at > run.train.steps:
         raise TinygraftError(f"--stop-at {args.stop_at} is beyond the run's {run.train.steps} steps")
 
     fam = family(model_cfg)
-    documents = read_corpus(run.data.corpus, run.data.text_field)
+    corpus = runs.in_run(run_dir.path, run.data.corpus)
+    documents = read_corpus(corpus, run.data.text_field)
     if tokenizer is None:
         if run.data.tokenizer:
-            tokenizer = TextTokenizer.load(run.data.tokenizer)
+            tokenizer = TextTokenizer.load(runs.in_run(run_dir.path, run.data.tokenizer))
         else:
             kind = "bpe" if fam == "gpt" else "wordpiece"
             tokenizer = TextTokenizer.train(documents, kind=kind, vocab_size=run.data.vocab_size)
@@ -295,7 +267,7 @@ def pretrain(args: PretrainArgs) -> Outcome:
         )
     if len(cache.val) < 2:
         raise TinygraftError("the corpus is too small to hold out validation tokens; give it more text")
-    config = C.full_dict(run, model_cfg)
+    config = {"format": runs.FORMAT, **C.full_dict(run, model_cfg)}
     device = resolve_device(run.train.device)
     run_dir.prepare(resume=args.resume, overwrite=args.overwrite)
     if not resume:
@@ -305,14 +277,10 @@ def pretrain(args: PretrainArgs) -> Outcome:
     seed_everything(t.seed)
     model = initial_model(model_cfg, source, method)
     eval_len = min(t.seq_len, len(cache.val) - 1)
-    if fam == "gpt":
-        batcher = CausalLMBatcher(cache.train, t.batch_size, t.seq_len, seed=t.seed)
-        loss_fn, count = causal_lm_loss, (lambda b: b[0].numel())
-        evaluate = causal_lm_eval(cache.val, t.batch_size, eval_len, t.eval_batches, device)
-    else:
-        batcher = MLMBatcher(cache.train, t.batch_size, t.seq_len, tokenizer, seed=t.seed, mask_prob=run.data.mask_prob)
-        loss_fn, count = mlm_loss, (lambda b: int(b["attention_mask"].sum()))
-        evaluate = mlm_eval(cache.val, tokenizer, t.batch_size, t.seq_len, t.eval_batches, run.data.mask_prob, device)
+    objective = objective_for(fam)
+    mask_prob = run.data.mask_prob
+    batcher = objective.batcher(cache.train, t.batch_size, t.seq_len, tokenizer, t.seed, mask_prob)
+    evaluate = objective.evaluator(cache.val, tokenizer, t.batch_size, eval_len, t.eval_batches, mask_prob, device)
     entropy = unigram_entropy(cache.val)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     origin = f"from {run.source}" if run.source else run.preset
@@ -322,8 +290,12 @@ def pretrain(args: PretrainArgs) -> Outcome:
         f"kernels: {describe()}"
     )
     say(f"unigram entropy of the val tokens: {entropy:.4f} nats (a model must beat this to use context)")
-    extra = {"val_unigram_entropy": entropy, "val_tokens": int(len(cache.val)), "preset": run.preset,
-             "source": run.source}  # fmt: skip
+    extra = {
+        "val_unigram_entropy": entropy,
+        "val_tokens": int(len(cache.val)),
+        "preset": run.preset,
+        "source": run.source,
+    }
     if source is not None:  # where continued pre-training starts: the source's own validation loss
         model.to(device).eval()
         with rng_preserved(), torch.no_grad():
@@ -333,11 +305,11 @@ def pretrain(args: PretrainArgs) -> Outcome:
         model=model,
         method=method,
         batcher=batcher,
-        loss_fn=loss_fn,
+        loss_fn=objective.loss,
         evaluate=evaluate,
-        count_tokens=count,
+        count_tokens=objective.count_tokens,
         config=config,
-        task="pretrain-" + ("causal-lm" if fam == "gpt" else "mlm"),
+        task="pretrain-" + objective.name,
         tokenizer_json=tokenizer.to_json(),
         extra_state={"token_cache": cache.key},
         extra_results=extra,
@@ -348,48 +320,3 @@ def pretrain(args: PretrainArgs) -> Outcome:
         verdict = "below" if final < entropy else "NOT below"
         say(f"val loss {final:.4f} is {verdict} the val tokens' unigram entropy {entropy:.4f}")
     return outcome
-
-
-# ------------------------------------------------------------------------------------------------ loading a run
-@dataclass
-class Trained:
-    model: torch.nn.Module
-    tokenizer: TextTokenizer
-    ckpt: checkpoint.Checkpoint
-    run: C.RunConfig
-    model_cfg: object
-    unused: list[str]  # checkpoint tensors accepted but not used by the model
-
-
-def load_trained(path: str | Path, device: torch.device, which: str = "latest") -> Trained:
-    """A checkpoint (run dir, checkpoints/ dir or step dir) as a ready model in eval mode, with its tokenizer; a
-    LoRA checkpoint comes back as its base with the adapter attached (unmerged)."""
-    from tinygraft.core.config import from_dict
-    from tinygraft.models.presets import get_preset
-
-    ckpt = checkpoint.load(path, which, with_optimizer=False)
-    if ckpt.tokenizer_path is None:
-        raise TinygraftError(f"checkpoint {str(ckpt.path)!r} is incomplete: tokenizer.json is missing")
-    saved = dict(ckpt.config)
-    model_dict = saved.pop("model", None)
-    if model_dict is None:
-        raise TinygraftError(f"checkpoint {str(ckpt.path)!r} has no model settings in its config.json")
-    run = from_dict(C.RunConfig, saved)
-    model_cfg = from_dict(type(get_preset(run.preset)), model_dict, "model")
-    from tinygraft.train.lora_method import BASE_FILE, load_lora_model  # (also registers the "lora" method)
-
-    if (ckpt.path / BASE_FILE).is_file():  # a LoRA run: the adapter over its base (read again, hash checked)
-        model, _ = load_lora_model(ckpt.path, ckpt.model, ckpt.config)
-        unused = []
-    else:
-        model = build_model(model_cfg)
-        method = get_method(run.method)
-        model = method.attach(model)
-        unused = method.load_state_dict(model, ckpt.model)
-    tokenizer = TextTokenizer.load(ckpt.tokenizer_path)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise TinygraftError(
-            f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-            f"{model_cfg.vocab_size}"
-        )
-    return Trained(model.to(device).eval(), tokenizer, ckpt, run, model_cfg, unused)

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md section 2): config.json, metrics.jsonl, results.json, loss.png, checkpoints/.
+"""The run directory: config.json, metrics.jsonl, results.json, loss.png, checkpoints/.
 
 Nothing a user had is lost: a directory that already holds a run is refused unless the run is resumed
 (`--resume`) or replaced on purpose (`--overwrite`).

@@ -1,0 +1,25 @@
+"""Flags several commands share."""
+
+INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
+
+
+def checkpoint_args(p, what="a run directory, its checkpoints/ directory, or one step directory", default="latest"):
+    p.add_argument("run", help=what)
+    p.add_argument(
+        "--checkpoint",
+        choices=("latest", "best"),
+        default=default,
+        help="which pointer to follow" + (" (default: the one results.json kept)" if default is None else ""),
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def config_args(p, sections: str) -> None:
+    p.add_argument("--config", help=f"a TOML file of settings (sections {sections})")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any setting, e.g. train.lr=1e-3 (repeatable; beats the flags and --config)",
+    )

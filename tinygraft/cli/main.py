@@ -1,0 +1,57 @@
+"""The `tinygraft` command: pretrain, finetune, predict, compare, sample, eval, info, embed, export.
+
+    pretrain   pre-train a GPT (causal LM) or BERT (masked LM) preset, or continue one `--from` a pretrained
+               directory or run; `--method lora` trains adapters only
+    finetune   a pretrained model + a task head on labeled data (full, linear-probe, top-k, gradual-unfreeze, lora)
+    predict    a fine-tuned run's predictions on a file or stdin
+    compare    several fine-tuning methods on one task: the transfer-learning table
+    sample     text from a GPT checkpoint
+    eval       validation loss and perplexity of a checkpoint
+    info       what a run, a checkpoint, a Hugging Face directory or `minilm` holds
+    embed      sentence embeddings from a pretrained model or a run
+    export     a run in the Hugging Face layout (LoRA merged), or a LoRA run's adapter in peft's layout
+
+Every bad input becomes a `TinygraftError`, printed as `error: <one sentence>` with exit code 2 and no traceback;
+any other exception is a bug and keeps its traceback. Ctrl-C during training saves a checkpoint and exits 130.
+Tasks and methods of the user's own modules join with `TINYGRAFT_PLUGINS=module[,module]` (train/plugins.py).
+"""
+
+import argparse
+import sys
+
+from tinygraft.cli import compare, embed, export, finetune, info, predict, pretrain, sample
+from tinygraft.cli import eval as eval_
+from tinygraft.cli.common import INTERRUPTED
+from tinygraft.errors import TinygraftError
+from tinygraft.train.plugins import load_plugins
+
+COMMANDS = (pretrain, finetune, predict, compare, sample, eval_, info, embed, export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinygraft", description="Train and inspect small transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins()
+    except TinygraftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return TinygraftError.exit_code
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except TinygraftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return TinygraftError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED

@@ -1,0 +1,108 @@
+"""`tinygraft export RUN --to DIR`: a run's kept checkpoint in the Hugging Face layout, with its tokenizer.
+
+The kept checkpoint is the one results.json names (`best` when the run tracked a metric and kept its best step,
+else `latest`). An adapter run is exported merged (W + scale * B A) so the directory is a plain model (`--merged`
+says so explicitly); `--adapter DIR` writes its adapter in peft's layout instead (adapter_config.json +
+adapter_model.safetensors, for `peft.PeftModel.from_pretrained(base, DIR)`). An adapter checkpoint holds only the
+adapter: the base is read again from where its base.json says, and refused if its weights' sha256 changed. A
+fine-tuned TaskModel exports its backbone (the task head has no GPT-2 / BERT layout and is reported as left out).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from tinygraft.errors import TinygraftError
+from tinygraft.models.gpt import GPT
+from tinygraft.models.hf import CONFIG
+from tinygraft.peft.adapters import adapter_layers, unload
+from tinygraft.peft.files import CONFIG_NAME, save_adapter
+from tinygraft.train import runs
+from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint
+
+
+def _check_target(to: Path, overwrite: bool) -> None:
+    if to.exists() and not to.is_dir():
+        raise TinygraftError(f"export target '{to}' is a file, not a directory")
+    if to.is_dir() and any(to.iterdir()) and not overwrite:
+        raise TinygraftError(f"export target '{to}' is not empty; pass --overwrite to write into it anyway")
+
+
+def _step_dir(run: str | Path, which: str | None) -> Path:
+    kind, _, step_dir = runs.locate_spec(run, which)
+    if kind == "huggingface":
+        raise TinygraftError(f"'{run}' is a Hugging Face directory already; export writes a tinygraft run's model")
+    return step_dir
+
+
+def _run(run: str | Path, which: str | None) -> runs.Loaded:
+    return runs.load(run, which, device=torch.device("cpu"))
+
+
+def export_run(
+    run: str | Path, to: str | Path, which: str | None = None, overwrite: bool = False, merged: bool = False
+) -> dict:
+    """Write the run's checkpoint into `to`; returns what was written (for the CLI to print). `merged=True` insists
+    the run is an adapter run (whose adapter is merged into the base either way)."""
+    to = Path(to)
+    _check_target(to, overwrite)
+    if merged and not is_adapter_checkpoint(_step_dir(run, which)):
+        raise TinygraftError(
+            f"{str(run)!r} is not a LoRA run, so there is no adapter to merge; export it without --merged"
+        )
+    loaded = _run(run, which)
+    model, notes = loaded.model, list(loaded.notes)
+    adapted = next(adapter_layers(model), None) is not None
+    if adapted:
+        model = unload(model, merge=True)
+        notes.append("LoRA adapters merged into the base weights")
+    if loaded.kind == "finetune":
+        notes.append(f"task head {type(model.head).__name__} left out (the Hugging Face layout has no place for it)")
+        model = model.backbone
+    model.save_pretrained(to, loaded.tokenizer)
+    architecture = json.loads((to / CONFIG).read_text(encoding="utf-8"))["architectures"][0]
+    return {
+        "checkpoint": str(loaded.ckpt.path),
+        "to": str(to),
+        "architecture": architecture,
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "notes": notes,
+    }
+
+
+def export_adapter(run: str | Path, to: str | Path, which: str | None = None, overwrite: bool = False) -> dict:
+    """Write an adapter run's adapter into `to` in peft's layout, keyed for the Hugging Face model of its base."""
+    to = Path(to)
+    _check_target(to, overwrite)
+    if not is_adapter_checkpoint(_step_dir(run, which)):
+        raise TinygraftError(
+            f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
+        )
+    loaded = _run(run, which)
+    if not isinstance(loaded.method, AdapterMethod) or next(adapter_layers(loaded.model), None) is None:
+        raise TinygraftError(
+            f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
+        )
+    model, notes = loaded.model, list(loaded.notes)
+    if loaded.kind == "finetune":
+        notes.append(f"task head {type(model.head).__name__} left out (peft's adapter layout keys the base only)")
+        model = model.backbone
+    base = loaded.method.base
+    save_adapter(model, to, base_model_name_or_path=base)
+    if isinstance(model, GPT):  # the Hugging Face GPT-2 stores these layers as Conv1D, weight (in, out)
+        config = json.loads((to / CONFIG_NAME).read_text(encoding="utf-8"))
+        config["fan_in_fan_out"] = True
+        (to / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if base is None:
+        notes.append(
+            "the base was built from a preset, not read from a file: export it with --to DIR too, and "
+            "load the adapter onto that"
+        )
+    return {
+        "checkpoint": str(loaded.ckpt.path),
+        "to": str(to),
+        "base": base,
+        "notes": notes,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
