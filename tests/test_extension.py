@@ -26,7 +26,7 @@ from tinygraft.models.heads import hidden_size
 from tinygraft.tasks import TASKS, Scorer, Task, register
 from tinygraft.tasks.base import DataSettings
 from tinygraft.train import methods
-from tinygraft.train.config import FinetuneConfig, resolve_finetune
+from tinygraft.train.config import full_dict, resolve, resolve_finetune
 from tinygraft.train.methods import Method
 
 
@@ -236,12 +236,20 @@ def test_every_method_flag_is_in_the_help_of_each_job_it_applies_to():
 
 
 def test_a_shared_field_name_means_one_thing():
-    seen: dict[str, tuple] = {}
-    owners = [*(c.Settings for c in methods.METHODS.values()), *(t.Settings for t in TASKS.values()), DataSettings]
-    for cls in owners:
-        for f in dataclasses.fields(cls):
-            meaning = (flag_name(f), f.type, f.default, f.metadata.get("help"))
-            assert seen.setdefault(f.name, meaning) == meaning, (cls.__name__, f.name, seen[f.name], meaning)
+    """Among the methods (and among the tasks, whose settings live in their own section beside the data's), a field
+    name is one flag with one type, default and help: two methods share --lora-r only if it means the same."""
+    groups = [
+        [c.Settings for c in methods.METHODS.values()],
+        [*(t.Settings for t in TASKS.values()), DataSettings],
+    ]
+    for owners in groups:
+        seen: dict[str, tuple] = {}
+        flags: dict[str, str] = {}
+        for cls in owners:
+            for f in dataclasses.fields(cls):
+                meaning = (flag_name(f), f.type, f.default, f.metadata.get("help"))
+                assert seen.setdefault(f.name, meaning) == meaning, (cls.__name__, f.name, seen[f.name], meaning)
+                assert flags.setdefault(flag_name(f), f.name) == f.name, (cls.__name__, flag_name(f))
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
@@ -252,10 +260,21 @@ def test_every_method_settings_round_trip_through_config_json(name):
         tp = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         changed[f.name] = {bool: not f.default, str: "query", int: 3, float: 0.5}[tp[0]]
     settings = methods.settings_for(cls.name, changed)
-    job = "finetune" if "finetune" in cls.jobs else "pretrain"
-    cfg = dataclasses.replace(FinetuneConfig(method=cls.name), method_settings=settings) if job == "finetune" else None
-    if cfg is not None:
+    if "finetune" in cls.jobs:  # a fine-tuning run's config.json "finetune" section, written and read back
+        flags = {"method": cls.name, **{f"method_settings.{k}": v for k, v in changed.items()}}
+        cfg = resolve_finetune(None, None, flags, None)
         saved = json.loads(json.dumps(to_dict(cfg)))
         again = resolve_finetune(saved, None, {}, None)
-        assert again.method_settings == settings and to_dict(again) == saved
-    assert methods.settings_for(cls.name, json.loads(json.dumps(dataclasses.asdict(settings)))) == settings
+        assert cfg.method_settings == again.method_settings == settings and to_dict(again) == saved
+    if "pretrain" in cls.jobs:  # a pre-training run's config.json, written and read back
+        run, model_cfg = resolve(
+            None,
+            None,
+            {"method": cls.name},
+            [
+                f"method_settings.{k}={json.dumps(v)}" if not isinstance(v, str) else f"method_settings.{k}={v}"
+                for k, v in changed.items()
+            ],
+        )
+        saved = json.loads(json.dumps(full_dict(run, model_cfg)))
+        assert resolve(saved, None, {}, None)[0].method_settings == run.method_settings == settings

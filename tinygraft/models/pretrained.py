@@ -50,8 +50,11 @@ def resolve_pretrained(spec: str | Path) -> Path:
 
 def record_name(path: str | Path) -> str:
     """How a run records the directory it started from: 'minilm' for the shipped MiniLM (its site-packages path
-    differs between environments), else the absolute path."""
-    path = Path(path).resolve()
+    differs between environments, and a run written before names were recorded holds another's), else the absolute
+    path."""
+    if is_name(path):
+        return MINILM
+    path = locate(path).resolve()
     try:
         if path == minilm_path().resolve():
             return MINILM
