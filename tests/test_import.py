@@ -95,3 +95,13 @@ def test_forcing_triton_without_it_is_one_sentence():
         {"TINYGRAFT_BACKEND": "triton"},
     )
     assert "error: TINYGRAFT_BACKEND=triton but Triton is not installed; pip install triton" in out
+
+
+def test_import_and_help_do_not_load_dynamo():
+    """torch._dynamo costs a second and a half to import; nothing but torch.compile should pay for it, so
+    `tinygraft --help` starts fast (kernels/rng.py applies torch.compiler.disable when dynamo traces a call)."""
+    code = (
+        "import sys; from tinygraft.cli.main import build_parser; build_parser(); print('torch._dynamo' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]

@@ -65,10 +65,29 @@ def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
     return _keep(_mix32_int32_(x), p)
 
 
+_EAGER: dict = {}
+
+
+def eagerly(fn):
+    """`fn`, run outside any torch.compile graph. torch.compiler.disable is applied when dynamo first traces a call,
+    not at import: it imports dynamo, which would add a second and a half to every start-up (`tinygraft --help`)."""
+
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        wrapped = _EAGER.get(fn)
+        if wrapped is None:
+            wrapped = _EAGER[fn] = torch.compiler.disable(fn)
+        return wrapped(*args, **kwargs)
+
+    call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return call
+
+
 # Eager under torch.compile: the seed changes every step, so dynamo turns it into a symbolic int, and inductor's CPU
 # code generator then vectorises this integer hash as float arithmetic (C++ that does not compile, torch 2.13). The
 # mask is the same either way; only the multiply that applies it is worth fusing, and that stays in the graph.
-@torch.compiler.disable
+@eagerly
 def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
     """Keep-mask for a contiguous tensor of `shape`, element index = row-major position."""
     n = 1
@@ -83,7 +102,7 @@ def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> 
     return _keep(_mix32_int32_(_mix32_int32_(x)), p).reshape(shape)
 
 
-@torch.compiler.disable  # a host-side draw: run eagerly rather than warn about a graph break on `.item()`
+@eagerly  # a host-side draw: run eagerly rather than warn about a graph break on `.item()`
 def new_seed(generator: torch.Generator | None = None) -> int:
     """A fresh seed from torch's RNG, so seeding torch makes dropout reproducible."""
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
