@@ -127,3 +127,9 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
         assert imports(f, known) == {"tinygraft.train.loop", "tinygraft.core.layers"}
     finally:
         PACKAGE = saved
+
+
+def test_every_folder_is_a_package():
+    """setuptools' find_packages ships only folders with an __init__.py: one without would be left out of a wheel."""
+    folders = [d for d in PACKAGE.rglob("*") if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))]
+    assert all((d / "__init__.py").is_file() for d in [PACKAGE, *folders]), [str(d) for d in folders]

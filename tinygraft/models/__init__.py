@@ -1,4 +1,5 @@
-"""GPT and BERT built from tinygraft.core blocks, their presets, and (later) task heads and the HF layout."""
+"""GPT and BERT built from tinygraft.core blocks (each with its Hugging Face name mapping), their presets, the task
+model a head sits in, sentence pooling, and pretrained directories (models/pretrained.py, models/hf.py)."""
 
 from tinygraft.models.bert import BERT, BERTConfig, BERTForMaskedLM
 from tinygraft.models.gpt import GPT, GPTConfig

@@ -311,9 +311,9 @@ def _pretrained_run(path: Path, step_dir: Path) -> Loaded:
     config = upgrade(ckpt.config)
     adapter = is_adapter_checkpoint(ckpt.path)
     run, model_cfg, notes, unused = None, None, [], []
-    if not adapter or read_base_record(ckpt.path)["path"] is None:  # the model is built from the run's settings
-        run, model_cfg = run_config(config, ckpt.path)
-    elif "model" in config:
+    # An adapter over a base file needs no settings of its own (the loop's tests write runs without them); any
+    # other run is built from its settings.
+    if "model" in config or not adapter or read_base_record(ckpt.path)["path"] is None:
         run, model_cfg = run_config(config, ckpt.path)
     if adapter:
         model, method, notes = adapted_model(ckpt.path, ckpt.model, lambda: build_model(model_cfg))
