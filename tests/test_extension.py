@@ -135,6 +135,14 @@ class BitFit(Method):
 methods.register(BitFit)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _registered_for_this_module_only():
+    """The registries are process-wide: the toy task and method leave them when this module's tests are done."""
+    yield
+    TASKS.pop(Length.name, None)
+    methods.METHODS.pop(BitFit.name, None)
+
+
 # ------------------------------------------------------------------------------------------------------- runs
 def run(args, capsys):
     code = main([str(a) for a in args])

@@ -175,27 +175,44 @@ def test_one_launch_per_device_dtype_group(device, monkeypatch, master_weights, 
 
 
 def test_bf16_master_weights_track_fp32(backend, device):
-    """50 steps: a bf16 model with fp32 master weights stays within 1e-2 (relative, per tensor) of an fp32 run."""
+    """50 steps of a bf16 model with fp32 master weights: its masters stay as close to an fp32 run as PyTorch's own
+    recipe does (torch's AdamW stepping fp32 copies with the bf16 model's gradients, the model then set to the
+    rounded copies), by the kernels' rule: at most twice PyTorch's distance, floored at one bf16 rounding. Both
+    drift from the fp32 run by about 1%: the bf16 forward and backward round every gradient."""
     model32 = TinyNet().to(device)
-    model16 = TinyNet().to(device)
-    model16.load_state_dict(model32.state_dict())
-    model16.to(torch.bfloat16)
+    model16, model_ref = TinyNet().to(device), TinyNet().to(device)
+    for m in (model16, model_ref):
+        m.load_state_dict(model32.state_dict())
+        m.to(torch.bfloat16)
+    masters = [p.detach().float().clone() for p in model_ref.parameters()]
     opt32 = torch.optim.AdamW(model32.parameters(), lr=1e-3)
     opt16 = FusedAdamW(model16.parameters(), lr=1e-3, master_weights=True)
+    opt_ref = torch.optim.AdamW(masters, lr=1e-3)
     for step in range(50):
-        for model, opt in ((model32, opt32), (model16, opt16)):
-            opt.zero_grad()
+        for model, opt in ((model32, opt32), (model16, opt16), (model_ref, None)):
+            model.zero_grad(set_to_none=True)
             _loss(model, step, device).backward()
-            opt.step()
-    for (name, p32), p16 in zip(model32.named_parameters(), model16.parameters()):
+            if opt is not None:
+                opt.step()
+        for m, p in zip(masters, model_ref.parameters()):
+            m.grad = None if p.grad is None else p.grad.float()
+        opt_ref.step()
+        with torch.no_grad():
+            for m, p in zip(masters, model_ref.parameters()):
+                p.copy_(m.bfloat16())
+    floor = torch.finfo(torch.bfloat16).eps / 2  # one rounding to bf16 (round to nearest)
+    for (name, p32), p16, ref in zip(model32.named_parameters(), model16.parameters(), masters):
         if name == "unused":
             continue
         state = opt16.state[p16]
         assert p16.dtype == torch.bfloat16 and state["master_param"].dtype == torch.float32
         assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
         assert torch.equal(p16, state["master_param"].bfloat16())  # the model holds the rounded master
-        rel = ((state["master_param"] - p32).norm() / p32.norm()).item()
-        assert rel <= 1e-2, f"{name}: master weights {rel:.3g} from the fp32 run"
+        ours = ((state["master_param"] - p32).norm() / p32.norm()).item()
+        torch_ = ((ref - p32).norm() / p32.norm()).item()
+        assert ours <= 2 * max(torch_, floor), (
+            f"{name}: master weights {ours:.3g} from the fp32 run, torch's {torch_:.3g}"
+        )
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clips / does not clip

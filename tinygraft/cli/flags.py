@@ -54,7 +54,7 @@ def add_settings(parser, cls: type, prefix: str, skip: tuple[str, ...] = (), tit
         seen[flag] = (dest, sig)
         tp, choices = _scalar(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = f" (default: {default})" if default not in (None, False, True) else ""
+        shown = f" (default: {default})" if default is not None and not isinstance(default, bool) else ""
         if tp is bool:
             if default is True:
                 group.add_argument(

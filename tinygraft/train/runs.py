@@ -45,8 +45,9 @@ from tinygraft.models.pretrained import (
 )
 from tinygraft.peft.adapters import load_adapter_state_dict
 from tinygraft.tasks import get_task
+from tinygraft.tasks.base import DataSettings
 from tinygraft.train import methods
-from tinygraft.train.config import FinetuneConfig, RunConfig, resolve_finetune
+from tinygraft.train.config import FinetuneConfig, FinetuneTrain, RunConfig, resolve_finetune
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 
 FORMAT = 2  # config.json's form: 1 (no "format" key) before the tree was reshaped; 2 since
@@ -164,66 +165,37 @@ def upgrade(config: dict) -> dict:
     config = dict(config)
     if config.get("kind") == "finetune":
         config["finetune"] = _finetune_v1(config)
-    else:
-        given = config.get("method_settings") or {}
-        names = {"r": "r", "alpha": "alpha", "dropout": "dropout", "targets": "targets", "use_rslora": "use_rslora"}
-        kept = {names[k]: v for k, v in given.items() if k in names} if config.get("method") == "lora" else {}
-        config["method_settings"] = to_dict(methods.settings_for(config.get("method", "full"), kept))
+    else:  # format 1 kept the method's description (LoRA's r, alpha, ..., its scaling and base): its settings stay
+        cls, _ = methods.lookup(config.get("method", "full"))
+        kept = {k: v for k, v in (config.get("method_settings") or {}).items() if k in _names(cls.Settings)}
+        config["method_settings"] = to_dict(methods.settings_for(cls.name, kept))
     config["format"] = FORMAT
     return config
 
 
+def _names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+# Format 1 saved the fine-tuning flags flat; these are today's names of the ones that were renamed.
+_RENAMED_V1 = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
+               "lora_rslora": "use_rslora"}  # fmt: skip
+
+
 def _finetune_v1(config: dict) -> dict:
     """The flat `finetune` arguments of a format-1 fine-tuning run as today's FinetuneConfig dict."""
-    a = dict(config["finetune"])
-    data = {
-        k: a[k]
-        for k in (
-            "train",
-            "val",
-            "text_col",
-            "text_pair_col",
-            "label_col",
-            "quote_none",
-            "max_train",
-            "max_val",
-            "max_length",
-        )
-        if k in a
-    }
-    train = {
-        k: a[k]
-        for k in (
-            "epochs",
-            "steps",
-            "batch_size",
-            "eval_batch_size",
-            "lr",
-            "seed",
-            "warmup",
-            "weight_decay",
-            "eval_every",
-            "patience",
-            "keep",
-            "compile",
-            "optimizer",
-        )
-        if k in a
-    }
+    a = {_RENAMED_V1.get(k, k): v for k, v in config["finetune"].items()}
     task = get_task(a.get("task", config.get("task", "classify")))
-    fields = {f.name for f in dataclasses.fields(task.Settings)}
-    task_settings = {k: a[k] for k in fields if k in a and a[k] is not None}
     cls, _ = methods.lookup(a.get("method", "full"))
-    renamed = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
-               "lora_rslora": "use_rslora"}  # fmt: skip
-    wanted = {f.name for f in dataclasses.fields(cls.Settings)}
-    method_settings = {}
-    for k, v in a.items():
-        k = renamed.get(k, k)
-        if k in wanted and v is not None and not (k == "use_rslora" and v is False):
-            method_settings[k] = v
+    # a flag left at its default was saved as None; today's settings take their own defaults for it
+    given = {k: v for k, v in a.items() if v is not None}
+    sections = {
+        "data": {k: a[k] for k in _names(DataSettings) if k in a},
+        "train": {k: a[k] for k in _names(FinetuneTrain) if k in a},
+        "task_settings": {k: given[k] for k in _names(task.Settings) if k in given},
+        "method_settings": {k: given[k] for k in _names(cls.Settings) if k in given},
+    }
     top = {"source": a.get("from_", "minilm"), "task": task.name, "method": a.get("method", "full")}
-    sections = {"data": data, "train": train, "task_settings": task_settings, "method_settings": method_settings}
     return to_dict(resolve_finetune({**top, **sections}, None, {}, None))
 
 
