@@ -16,7 +16,7 @@ from torch import nn
 
 from tinygraft.errors import TinygraftError
 from tinygraft.models import bert, gpt, hf
-from tinygraft.models.bert import BERT, BERTForMaskedLM
+from tinygraft.models.bert import BERTForMaskedLM
 from tinygraft.models.gpt import GPT
 from tinygraft.models.pooling import Pooling, read_pooling, ships_pooling
 
@@ -227,11 +227,3 @@ def format_description(d: dict) -> str:
 
 def is_language_model(model: nn.Module) -> bool:
     return isinstance(model, GPT | BERTForMaskedLM)
-
-
-def encoder_of(model: nn.Module) -> nn.Module:
-    """The backbone a task head sits on: a BERTForMaskedLM's encoder, any other model itself."""
-    return model.bert if isinstance(model, BERTForMaskedLM) else model
-
-
-__all__ = ["BERT", "GPT", "Pretrained", "load_pretrained", "load_pretrained_model", "minilm_path", "resolve_pretrained"]

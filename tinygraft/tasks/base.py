@@ -20,7 +20,6 @@ The defaults below serve a task whose examples come from tables; a task override
 from __future__ import annotations
 
 import csv
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +243,3 @@ def split_pair(line: str, n: int, what: str) -> list[str]:
     if len(parts) != n:
         raise TinygraftError(f"each input line must hold {what} separated by a tab; got {line[:60]!r}")
     return parts
-
-
-def settings_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]

@@ -80,16 +80,6 @@ def default_lr(name: str) -> float:
     return cls.default_lr
 
 
-def settings_fields(job: str) -> dict[str, dataclasses.Field]:
-    """Every settings field of the methods a job takes, by name (a shared name is one field: the same meaning)."""
-    out = {}
-    for cls in METHODS.values():
-        if job in cls.jobs:
-            for f in dataclasses.fields(cls.Settings):
-                out.setdefault(f.name, f)
-    return out
-
-
 register(Full)
 register(LinearProbe)
 register(TopK)
