@@ -43,3 +43,12 @@ def _seed():
     torch.manual_seed(TEST_SEED)
     random.seed(TEST_SEED)
     np.random.seed(TEST_SEED)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU OpenMP threads spin-wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

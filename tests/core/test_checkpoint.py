@@ -136,15 +136,37 @@ def test_corrupt_or_incomplete_checkpoint_is_one_sentence(tmp_path, damage, mess
     assert "\n" not in str(info.value)
 
 
-def test_truncated_model_is_caught_even_without_hashes(tmp_path):
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda s: s.pop("files"), "records no sha256 of the checkpoint's files"),
+        (lambda s: s.update(files="oops"), "records no sha256 of the checkpoint's files"),
+        (lambda s: s.update(files={}), "records no sha256 of model.safetensors"),
+        (lambda s: s["files"].pop("config.json"), "records no sha256 of config.json"),
+        (lambda s: s.update(files={**s["files"], "../x": "0" * 64}), "names '../x', which is not a file"),
+        (lambda s: s.pop("step"), "names no step"),
+        (lambda s: s.update(step="3"), "names no step"),
+    ],
+)
+def test_a_checkpoint_whose_files_cannot_be_checked_is_refused(tmp_path, change, message):
+    """trainer_state.json vouches for every file by its sha256; one that does not (hand-edited, damaged) is refused
+    in one sentence rather than trusted: unchecked weights would otherwise load without a word."""
     model, opt = _model_and_optimizer()
     step = _save(tmp_path, 1, model, opt)
     state = json.loads((step / "trainer_state.json").read_text())
-    del state["files"]  # an older or hand-made checkpoint: safetensors itself must notice the truncation
+    change(state)
     (step / "trainer_state.json").write_text(json.dumps(state))
-    f = step / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-9])
-    with pytest.raises(TinygraftError, match="corrupt or truncated"):
+    with pytest.raises(TinygraftError, match=message) as info:
+        checkpoint.load(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00", b"../../elsewhere/step-00000001\n", b"model.safetensors\n"])
+def test_a_pointer_that_names_no_step_directory_beside_it_is_refused(tmp_path, pointer):
+    model, opt = _model_and_optimizer()
+    _save(tmp_path, 1, model, opt)
+    (tmp_path / "latest").write_bytes(pointer)
+    with pytest.raises(TinygraftError, match="should name a step directory beside it"):
         checkpoint.load(tmp_path)
 
 

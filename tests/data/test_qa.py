@@ -98,8 +98,42 @@ def test_read_qa_table(tmp_path):
     ex = read_qa_table(path)
     assert ex[0].answer_starts == [CONTEXT.index("Denver Broncos")]
     path.write_text(json.dumps({"question": "Who won?", "context": CONTEXT, "answer": "the Jets"}) + "\n")
-    with pytest.raises(TinygraftError, match="line 1: answer 'the Jets' is not in the context"):
+    with pytest.raises(TinygraftError, match="line 1: the answer 'the Jets' is not in its context"):
         read_qa_table(path)
+
+
+def squad(tmp_path, answers, **qa):
+    path = tmp_path / "squad.json"
+    question = {"id": "q1", "question": "Who won?", "answers": answers, **qa}
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": CONTEXT, "qas": [question]}]}]}))
+    return path
+
+
+def test_squad_answers_are_checked_against_their_context(tmp_path):
+    """An answer not at its answer_start is taken at its first occurrence and counted (SQuAD's own tooling does
+    the same); one not in the context, or an offset that is no number, is refused; the table reader alike."""
+    at = CONTEXT.index("Denver Broncos")
+    ok = read_squad(squad(tmp_path, [{"text": "Denver Broncos", "answer_start": at}]))
+    assert ok[0].answer_starts == [at] and ok.notes == []
+    moved = read_squad(squad(tmp_path, [{"text": "Denver Broncos", "answer_start": at + 3}]))
+    assert moved[0].answer_starts == [at] and "1 answers of" in moved.notes[0] and "first occurrence" in moved.notes[0]
+    past = read_squad(squad(tmp_path, [{"text": "Denver Broncos", "answer_start": len(CONTEXT) + 40}]))
+    assert past[0].answer_starts == [at] and past.notes
+    with pytest.raises(TinygraftError, match="question 'q1': the answer 'bowl 50 was an american' is not in"):
+        read_squad(squad(tmp_path, [{"text": "bowl 50 was an american", "answer_start": 0}]))
+    with pytest.raises(TinygraftError, match="answer_start 'abc' is not a character offset"):
+        read_squad(squad(tmp_path, [{"text": "Denver Broncos", "answer_start": "abc"}]))
+    (tmp_path / "bad.json").write_text(json.dumps({"data": [{"title": "t", "paras": []}]}))
+    with pytest.raises(TinygraftError, match="article 't' has no 'paragraphs'; not a SQuAD v1.1 file"):
+        read_squad(tmp_path / "bad.json")
+    (tmp_path / "noid.json").write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": CONTEXT, "qas": [{"question": "?", "answers": []}]}]}]}))  # fmt: skip
+    with pytest.raises(TinygraftError, match="has no 'id'"):
+        read_squad(tmp_path / "noid.json")
+    table = tmp_path / "qa.jsonl"
+    table.write_text(json.dumps({"question": "Who?", "context": CONTEXT, "answer": "Denver Broncos", "at": at + 1}))
+    read = read_qa_table(table, answer_start_col="at")
+    assert read[0].answer_starts == [at] and "were not at their at" in read.notes[0]
 
 
 def test_split_articles_is_deterministic_and_disjoint():

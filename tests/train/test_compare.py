@@ -85,6 +85,28 @@ def test_compare_table_json_chart_and_reuse(env, tmp_path, capsys):
     assert full["seeds"] == [0, 1] and full["std"] == pytest.approx(mean_std(full["values"])[1])
 
 
+def test_a_finished_run_is_not_reused_when_its_flags_or_data_changed(env, tmp_path, capsys):
+    """Issue 14's repro: the same OUT with another budget and another training file used to show the first run's
+    numbers under the new title."""
+    out = tmp_path / "cmp"
+    args = [*base(env, out), "--methods", "linear-probe", "--seeds", "0"]
+    assert run(args, capsys)[0] == 0
+    first = json.loads((out / "linear-probe" / "seed-0" / "results.json").read_text())
+    bigger = [a if a != 2 else 3 for a in args]  # --steps 3
+    assert run(bigger, capsys)[0] == 0
+    again = json.loads((out / "linear-probe" / "seed-0" / "results.json").read_text())
+    assert first["steps"] == 2 and again["steps"] == 3
+    other = tmp_path / "other.tsv"
+    lines = env["train"].read_text().splitlines()
+    other.write_text("\n".join(lines[:1] + lines[1:][::-1][:30]) + "\n")  # other rows, other order
+    changed = [other if a == env["train"] else a for a in bigger]
+    assert run(changed, capsys)[0] == 0
+    third = json.loads((out / "linear-probe" / "seed-0" / "results.json").read_text())
+    assert third["n_train"] == 30 != again["n_train"]
+    report = json.loads((out / "compare.json").read_text())
+    assert report["rows"][0]["values"] == [third["metrics"][third["metric"]]]
+
+
 def test_compare_resumes_a_run_stopped_part_way_with_its_own_flags(env, tmp_path, capsys):
     """A run compare started and Ctrl-C stopped at step 1 goes on from its checkpoint (and ends where a straight run
     ends); a stopped run with other flags (another lr) is started over."""

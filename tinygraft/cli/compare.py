@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from tinygraft.cli.common import INTERRUPTED
 from tinygraft.cli.finetune import add_finetune_flags
 from tinygraft.cli.flags import given
 from tinygraft.core.config import load_config_file
@@ -41,7 +42,14 @@ def run(ns) -> int:
     flags = {k: v for k, v in flags.items() if not k.startswith(PREFIX)}
     cfg = resolve_finetune(None, file, flags, ns.sets)
     lr_for = parse_lr_for(ns.lr_for)
-    report = compare(cfg, ns.out, names, seeds, lr_for, method_settings, ns.threads, ns.overwrite)
+    try:
+        report = compare(cfg, ns.out, names, seeds, lr_for, method_settings, ns.threads, ns.overwrite)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the runs so far are in {ns.out}; the same compare command goes on from there",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     print(markdown(report["rows"], report["title"]))
     print(f"wrote {Path(ns.out) / 'compare.md'}, compare.json and compare.png", file=sys.stderr)
     return 0

@@ -17,6 +17,7 @@ Tasks and methods of the user's own modules join with `TINYGRAFT_PLUGINS=module[
 """
 
 import argparse
+import errno
 import sys
 
 from tinygraft.cli import compare, embed, export, finetune, info, predict, pretrain, sample
@@ -26,6 +27,20 @@ from tinygraft.errors import TinygraftError
 from tinygraft.train.plugins import load_plugins
 
 COMMANDS = (pretrain, finetune, predict, compare, sample, eval_, info, embed, export)
+# The environment's refusals: a read-only or full disk, a quota, a file the user may not read or write. Any other
+# OSError is a bug and keeps its traceback.
+OS_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def os_sentence(e: OSError) -> str:
+    where = f" '{e.filename}'" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "the file is too large for the file system"}[e.errno]  # fmt: skip
+        return f"cannot write{where}: {what}; free some space and run the command again (a run goes on with --resume)"
+    if e.errno == errno.EROFS:
+        return f"cannot write{where}: the file system is read-only; write somewhere else"
+    return f"permission denied for{where}; use a place you are allowed to write to (or read from)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TinygraftError as e:
         print(f"error: {e}", file=sys.stderr)
+        return TinygraftError.exit_code
+    except OSError as e:
+        if e.errno not in OS_REFUSALS:
+            raise
+        print(f"error: {os_sentence(e)}", file=sys.stderr)
         return TinygraftError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

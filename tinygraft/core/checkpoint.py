@@ -6,8 +6,9 @@ Layout, under `RUN/checkpoints/`:
         model.safetensors     the tensors the method keeps (the whole model for `full`, an adapter for LoRA)
         optimizer.safetensors every tensor of the optimizer's state, named `state.<param index>.<key>`
         optimizer.json        the rest of optimizer.state_dict(): param_groups and non-tensor state values
-        trainer_state.json    step, tokens seen, data position, RNG states, schedule, best metric, and the sha256
-                              of every other file (written last: its presence marks the directory complete)
+        trainer_state.json    step, tokens seen, data position, RNG states, schedule, best metric, the sha256 of
+                              every other file, and `state_sha256` of its own other fields (written last: its
+                              presence marks the directory complete)
         config.json           the full resolved config
         tokenizer.json        the tokenizer
         ...                   any extra files a method adds (adapter_config.json, ...)
@@ -42,6 +43,7 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 REQUIRED = (MODEL_FILE, TRAINER_STATE, CONFIG_FILE)
+STATE_DIGEST = "state_sha256"  # trainer_state.json's own fields (all but the file hashes and itself), checked too
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -140,15 +142,20 @@ def save(
     for fname, data in (extra_files or {}).items():
         files[fname] = data.encode("utf-8") if isinstance(data, str) else data
     state = dict(trainer_state, step=step, files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+    state[STATE_DIGEST] = state_digest(state)
     files[TRAINER_STATE] = json.dumps(state, indent=1).encode()
 
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for fname, data in files.items():  # trainer_state.json last: it names the others
-        _write_synced(tmp / fname, data)
-    _fsync_dir(tmp)
+    try:
+        for fname, data in files.items():  # trainer_state.json last: it names the others
+            _write_synced(tmp / fname, data)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, a second Ctrl-C: leave no half-written directory for the next save
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():  # re-saving a step (a resumed run stopped at the same step): replace it whole
         old = root / f".old-{name}-{os.getpid()}"
@@ -174,8 +181,17 @@ def list_steps(root: str | Path) -> list[int]:
 
 
 def _pointer(root: Path, which: str) -> str | None:
+    """The step directory name `root/which` holds (None: no such file); anything but a step name is refused."""
     path = root / which
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        name = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not STEP_DIR.match(name):
+        raise TinygraftError(f"'{path}' should name a step directory beside it (one line like step-00000300)")
+    return name
 
 
 def prune(root: str | Path, keep: int) -> None:
@@ -204,6 +220,55 @@ def resolve(path: str | Path, which: str = "latest") -> Path:
     if not target.is_dir():
         raise TinygraftError(f"'{which}' in {str(root)!r} names {name!r}, which does not exist")
     return target
+
+
+NUMBER = (int, float)
+# The fields the training loop and its jobs write into trainer_state.json, by type: checked when present (a
+# checkpoint older than a field lacks it), so a hand-edited or damaged one is refused in one sentence.
+STATE_FIELDS = {
+    "tokens_seen": int, "train_seconds": NUMBER, "eval_seconds": NUMBER, "data": dict, "rng": dict,
+    "schedule": dict, "best": dict, "token_cache": (str, type(None)), "data_sha256": dict, STATE_DIGEST: str,
+}  # fmt: skip
+
+
+def _check_fields(where: str, state: dict) -> None:
+    for key, kind in STATE_FIELDS.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TinygraftError(f"{where} holds an invalid {key!r} ({str(value)[:40]!r})")
+    best = state.get("best", {})
+    if not (isinstance(best.get("value"), (*NUMBER, type(None))) and isinstance(best.get("step"), (int, type(None)))):
+        raise TinygraftError(f"{where} holds an invalid 'best' ({str(best)[:60]!r})")
+    if not all(isinstance(v, str) for v in state.get("data_sha256", {}).values()):
+        raise TinygraftError(f"{where} holds an invalid 'data_sha256'")
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of the state's own fields, as they read back from JSON (tuples become lists, keys strings)."""
+    own = json.loads(json.dumps({k: v for k, v in state.items() if k not in ("files", STATE_DIGEST)}))
+    return hashlib.sha256(json.dumps(own, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_state(step_dir: Path, state: dict) -> None:
+    """trainer_state.json must name the step and the sha256 of every file it vouches for: a checkpoint whose weights
+    cannot be checked is refused, not trusted."""
+    where = f"checkpoint file '{step_dir / TRAINER_STATE}'"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TinygraftError(f"{where} names no step (got {step!r})")
+    files = state.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise TinygraftError(f"{where} records no sha256 of the checkpoint's files, so they cannot be checked")
+    bad = [k for k in files if Path(k).name != k or k in (".", "..")]
+    if bad:
+        raise TinygraftError(f"{where} names {bad[0]!r}, which is not a file of the checkpoint")
+    _check_fields(where, state)
+    if STATE_DIGEST in state and state[STATE_DIGEST] != state_digest(state):  # absent in checkpoints before it
+        raise TinygraftError(f"{where} is corrupt (its fields differ from the sha256 saved with them)")
+    present = sorted(p.name for p in step_dir.iterdir() if p.is_file() and p.name != TRAINER_STATE)
+    unvouched = [f for f in (MODEL_FILE, CONFIG_FILE, *present) if f not in files]
+    if unvouched:
+        raise TinygraftError(f"{where} records no sha256 of {unvouched[0]}, so it cannot be checked")
 
 
 @dataclass
@@ -238,8 +303,9 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
         if not (step_dir / fname).is_file():
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
     state = read_json(step_dir / TRAINER_STATE, "checkpoint file")
+    _check_state(step_dir, state)
     blobs = {}
-    for fname, digest in state.get("files", {}).items():
+    for fname, digest in state["files"].items():
         fpath = step_dir / fname
         if not fpath.is_file():
             raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")

@@ -134,6 +134,8 @@ def to_dict(cfg) -> dict:
 
 def load_toml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise TinygraftError(f"config file {str(path)!r} is a directory; give a TOML file")
     if not path.is_file():
         raise TinygraftError(f"config file {str(path)!r} does not exist")
     try:
@@ -144,7 +146,7 @@ def load_toml(path: str | Path) -> dict:
 
 def load_config_file(path: str | Path) -> dict:
     """A --config file: TOML, or JSON (the settings section of a run's config.json has that form)."""
-    if Path(path).suffix == ".json":
+    if Path(path).suffix == ".json" and not Path(path).is_dir():
         return read_json(path, "config file")
     return load_toml(path)
 

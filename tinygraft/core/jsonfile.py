@@ -38,7 +38,8 @@ def read_json(path: str | Path, what: str, expect: type | None = dict) -> Any:
 def jsonl_objects(text: str, name: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of JSON Lines `text`; `name` names the source in errors."""
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() also splits on U+2028 and other separators, which JSON allows inside a string
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

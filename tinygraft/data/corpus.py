@@ -79,7 +79,7 @@ def _hidden(file: Path, root: Path) -> bool:
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise TinygraftError(f"corpus file '{file}' is not UTF-8 text (undecodable byte at offset {e.start})") from None
     except OSError as e:

@@ -60,7 +60,7 @@ def read_rows(path: str | Path, quote_none: bool = False) -> tuple[list[str], li
 
 def _read_delimited(path: Path, delimiter: str, quote_none: bool):
     quoting = csv.QUOTE_NONE if quote_none else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # a BOM is no part of the first name
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         try:
             header = next(reader)
@@ -90,7 +90,7 @@ def _read_delimited(path: Path, delimiter: str, quote_none: bool):
 
 def _read_json_rows(path: Path) -> list[tuple[int, dict]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise TinygraftError(f"data file '{path}' is not UTF-8 text") from None
     if path.suffix == ".json":

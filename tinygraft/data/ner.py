@@ -45,7 +45,7 @@ def read_tagged(path: str | Path, tokens_col: str = "tokens", tags_col: str | No
 
 def _read_conll(path: Path, tags_col: str | None) -> list[TaggedSentence]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError:
         raise TinygraftError(f"data file '{path}' is not UTF-8 text") from None
     sents, words, tags, start = [], [], [], 0

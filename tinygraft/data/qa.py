@@ -41,39 +41,69 @@ class QAExample:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def read_squad(path: str | Path, split: str | None = None, val_fraction: float = 0.2) -> list[QAExample]:
-    """Questions of a SQuAD v1.1 JSON file; `split="train"|"val"` keeps one side of the article split."""
+class Examples(list):
+    """A reader's examples, and what it had to say about them (`notes`: one sentence each, for the run's warnings)."""
+
+    def __init__(self, items=(), notes=()):
+        super().__init__(items)
+        self.notes = list(notes)
+
+
+def locate_answer(context: str, text: str, start, where: str) -> tuple[int, bool]:
+    """(the answer's character offset, moved): `start` when the answer is there, else its first occurrence in the
+    context (moved), as SQuAD's own tooling reads a misplaced offset; an answer not in the context is refused."""
+    try:
+        start = int(start)
+    except (TypeError, ValueError):
+        raise TinygraftError(f"{where}: answer_start {start!r} is not a character offset") from None
+    if 0 <= start and context[start : start + len(text)] == text:
+        return start, False
+    found = context.find(text)
+    if found < 0 or not text:
+        raise TinygraftError(f"{where}: the answer {text!r} is not in its context")
+    return found, True
+
+
+def read_squad(path: str | Path, split: str | None = None, val_fraction: float = 0.2) -> Examples:
+    """Questions of a SQuAD v1.1 JSON file; `split="train"|"val"` keeps one side of the article split. Every answer
+    is checked against its context (locate_answer); the answers moved are counted in the result's notes."""
     path = Path(path)
     if not path.is_file():
         raise TinygraftError(f"data file '{path}' does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+        data = json.loads(path.read_text(encoding="utf-8-sig"))["data"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise TinygraftError(f"'{path}' is not a SQuAD JSON file (expected {{'data': [articles]}})") from None
     if split not in (None, "train", "val"):
         raise TinygraftError(f"unknown split {split!r} (use 'train' or 'val')")
-    val = split_articles([a.get("title", str(i)) for i, a in enumerate(data)], val_fraction) if split else set()
-    examples = []
+    if not isinstance(data, list) or not all(isinstance(a, dict) for a in data):
+        raise TinygraftError(f"'{path}' is not a SQuAD JSON file ('data' must be a list of articles)")
+    val = split_articles([str(a.get("title", i)) for i, a in enumerate(data)], val_fraction) if split else set()
+    examples, moved = [], 0
     for i, article in enumerate(data):
-        title = article.get("title", str(i))
+        title = str(article.get("title", i))
         if split is not None and (title in val) != (split == "val"):
             continue
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                answers = qa.get("answers", [])
-                examples.append(
-                    QAExample(
-                        qa["id"],
-                        title,
-                        para["context"],
-                        qa["question"],
-                        [a["text"] for a in answers],
-                        [int(a["answer_start"]) for a in answers],
-                    )
-                )
+        try:
+            for para in article["paragraphs"]:
+                context = para["context"]
+                for qa in para["qas"]:
+                    where = f"'{path}' question {qa.get('id', '?')!r}"
+                    texts, starts = [], []
+                    for ans in qa.get("answers", []):
+                        start, was_moved = locate_answer(context, ans["text"], ans["answer_start"], where)
+                        texts.append(ans["text"])
+                        starts.append(start)
+                        moved += was_moved
+                    examples.append(QAExample(str(qa["id"]), title, context, qa["question"], texts, starts))
+        except (KeyError, TypeError) as e:
+            missing = f"no {e.args[0]!r}" if isinstance(e, KeyError) else "a value of the wrong kind"
+            raise TinygraftError(f"'{path}' article {title!r} has {missing}; not a SQuAD v1.1 file") from None
     if not examples:
         raise TinygraftError(f"'{path}' holds no questions" + (f" in its {split} split" if split else ""))
-    return examples
+    notes = [f"{moved} answers of '{path}' were not at their answer_start; their first occurrence in the context "
+             "was used"] if moved else []  # fmt: skip
+    return Examples(examples, notes)
 
 
 def split_articles(titles: Sequence[str], val_fraction: float) -> set[str]:
@@ -98,7 +128,7 @@ def read_qa_table(
     occurrence in the context is taken. A JSONL answer may be a list of accepted answers."""
     columns, rows = read_rows(path, quote_none)
     require_columns(path, columns, [question_col, context_col, answer_col, answer_start_col, id_col])
-    examples = []
+    examples, moved = [], 0
     for line, row in rows:
         context, question = str(row[context_col]), str(row[question_col])
         answers, starts = [], []
@@ -107,12 +137,19 @@ def read_qa_table(
             given = row.get(answer_start_col) if answer_start_col else None
             given = given if isinstance(given, list) else [given] * len(answers)
             for text, start in zip(answers, given):
-                start = context.find(text) if start in (None, "") else int(start)
-                if start < 0 or context[start : start + len(text)] != text:
-                    raise TinygraftError(f"{path} line {line}: answer {text!r} is not in the context at that place")
+                where = f"{path} line {line}"
+                if start in (None, ""):  # no offset given: the first occurrence is the answer
+                    start = context.find(text)
+                    if start < 0:
+                        raise TinygraftError(f"{where}: the answer {text!r} is not in its context")
+                else:
+                    start, was_moved = locate_answer(context, str(text), start, where)
+                    moved += was_moved
                 starts.append(start)
         examples.append(QAExample(str(row[id_col]) if id_col else str(line), "", context, question, answers, starts))
-    return examples
+    notes = [f"{moved} answers of '{path}' were not at their {answer_start_col}; their first occurrence in the "
+             "context was used"] if moved else []  # fmt: skip
+    return Examples(examples, notes)
 
 
 # ----------------------------------------------------------------------------------------------------- windows

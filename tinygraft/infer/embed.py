@@ -28,15 +28,17 @@ def read_texts(source: str | Path | None, text_field: str = "text") -> list[str]
         text, name, jsonl = sys.stdin.read(), "stdin", False
     else:
         path = Path(source)
+        if path.is_dir():
+            raise TinygraftError(f"input '{path}' is a directory; give a file of texts")
         if not path.is_file():
             raise TinygraftError(f"input file '{path}' does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise TinygraftError(f"input file '{path}' is not UTF-8 text") from None
         name, jsonl = str(path), path.suffix == ".jsonl"
     if not jsonl:
-        texts = [line for line in text.splitlines() if line.strip()]
+        texts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     else:
         texts = []
         for i, row in jsonl_objects(text, f"'{name}'"):

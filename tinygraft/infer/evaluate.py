@@ -23,6 +23,8 @@ def evaluate(
     device: str = "auto",
     which: str | None = "latest",
 ) -> dict:
+    if max_batches is not None and max_batches < 1:
+        raise TinygraftError(f"--batches must be at least 1, got {max_batches}")
     dev = resolve_device(device)
     loaded = runs.load(path, which, device=dev, target="lm")
     if loaded.kind == "finetune" or not is_language_model(loaded.model):
@@ -37,6 +39,12 @@ def evaluate(
             raise TinygraftError(f"'{loaded.path}' is not a run, so it has no validation split; give --data CORPUS")
         corpus = runs.in_run(runs.run_dir_of(loaded.ckpt.path), d.corpus)
         cache = TokenCache.build(read_corpus(corpus, d.text_field), loaded.tokenizer, val_fraction=d.val_fraction)
+        trained_on = loaded.ckpt.trainer_state.get("token_cache")
+        if trained_on is not None and trained_on != cache.key:
+            raise TinygraftError(
+                f"the corpus {d.corpus or 'pydoc_data.topics'!r} is not the text the run was trained on any more (it "
+                "changed or moved), so its split is not the run's validation split; score it as it is with --data"
+            )
         tokens, source = cache.val, "the run's validation split"
     else:
         cache = TokenCache.build(read_corpus(data, d.text_field), loaded.tokenizer, val_fraction=0.0)
@@ -44,8 +52,13 @@ def evaluate(
     cfg = loaded.model.config
     positions = getattr(cfg, "block_size", None) or cfg.max_position_embeddings
     seq_len = min(t.seq_len, positions, len(tokens) - 1)
-    batches = max_batches or max(1, (len(tokens) - 1) // (seq_len * t.batch_size) + 1)
     family = "gpt" if hasattr(cfg, "block_size") else "bert"
+    least = 1 if family == "gpt" else 3  # a masked-LM window holds [CLS] and [SEP] beside its text
+    if seq_len < least:
+        raise TinygraftError(
+            f"{source} holds {len(tokens)} tokens, too few to score (at least {least + 1}); give a longer corpus"
+        )
+    batches = max_batches or max(1, (len(tokens) - 1) // (seq_len * t.batch_size) + 1)
     fn = objective_for(family).evaluator(tokens, loaded.tokenizer, t.batch_size, seq_len, batches, d.mask_prob, dev)
     with torch.no_grad():
         metrics = fn(loaded.model)

@@ -5,7 +5,9 @@ else `latest`). An adapter run is exported merged (W + scale * B A) so the direc
 says so explicitly); `--adapter DIR` writes its adapter in peft's layout instead (adapter_config.json +
 adapter_model.safetensors, for `peft.PeftModel.from_pretrained(base, DIR)`). An adapter checkpoint holds only the
 adapter: the base is read again from where its base.json says, and refused if its weights' sha256 changed. A
-fine-tuned TaskModel exports its backbone (the task head has no GPT-2 / BERT layout and is reported as left out).
+fine-tuned TaskModel exports its backbone (the task head has no GPT-2 / BERT layout and is reported as left out);
+its adapter carries the head too where peft + transformers have a task model computing it (a BERT classifier that
+pools with the pooler, a BERT tagger or reader: `PeftModel.from_pretrained(BertForSequenceClassification...)`).
 """
 
 import json
@@ -14,10 +16,12 @@ from pathlib import Path
 import torch
 
 from tinygraft.errors import TinygraftError
+from tinygraft.models.bert import BERT
 from tinygraft.models.gpt import GPT
 from tinygraft.models.hf import CONFIG
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.peft.files import CONFIG_NAME, save_adapter
+from tinygraft.tasks import get_task
 from tinygraft.train import runs
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint
 
@@ -36,6 +40,18 @@ def _step_dir(run: str | Path, which: str | None) -> Path:
     return step_dir
 
 
+def _check_not_source(run: str | Path, which: str | None, to: Path) -> None:
+    """Writing into the run's own files would destroy what is being exported (or the run around it)."""
+    step_dir = _step_dir(run, which).resolve()
+    target, run_dir = to.resolve(), runs.run_dir_of(step_dir)
+    if target.is_relative_to(step_dir) or (
+        run_dir is not None and (target == run_dir or target.is_relative_to(run_dir / "checkpoints"))
+    ):
+        raise TinygraftError(
+            f"export target '{to}' is part of the run being exported ({step_dir}); choose a directory outside it"
+        )
+
+
 def _run(run: str | Path, which: str | None) -> runs.Loaded:
     return runs.load(run, which, device=torch.device("cpu"))
 
@@ -47,6 +63,7 @@ def export_run(
     the run is an adapter run (whose adapter is merged into the base either way)."""
     to = Path(to)
     _check_target(to, overwrite)
+    _check_not_source(run, which, to)
     if merged and not is_adapter_checkpoint(_step_dir(run, which)):
         raise TinygraftError(
             f"{str(run)!r} is not a LoRA run, so there is no adapter to merge; export it without --merged"
@@ -75,6 +92,7 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
     """Write an adapter run's adapter into `to` in peft's layout, keyed for the Hugging Face model of its base."""
     to = Path(to)
     _check_target(to, overwrite)
+    _check_not_source(run, which, to)
     if not is_adapter_checkpoint(_step_dir(run, which)):
         raise TinygraftError(
             f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
@@ -84,12 +102,20 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
         raise TinygraftError(
             f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
         )
-    model, notes = loaded.model, list(loaded.notes)
+    model, notes, head = loaded.model, list(loaded.notes), None
     if loaded.kind == "finetune":
-        notes.append(f"task head {type(model.head).__name__} left out (peft's adapter layout keys the base only)")
+        task = get_task(loaded.finetune.task)
+        head = task.peft_head(model.head) if isinstance(model.backbone, BERT) else None
+        if head is None:
+            notes.append(
+                f"task head {type(model.head).__name__} left out: no task model of peft + transformers computes it "
+                "(a BERT classifier exports its head when it pools with --pooling pooler)"
+            )
+        else:
+            notes.append(f"task head {type(model.head).__name__} exported for peft's task_type {head.task_type}")
         model = model.backbone
     base = loaded.method.base
-    save_adapter(model, to, base_model_name_or_path=base)
+    save_adapter(model, to, base_model_name_or_path=base, head=head)
     if isinstance(model, GPT):  # the Hugging Face GPT-2 stores these layers as Conv1D, weight (in, out)
         config = json.loads((to / CONFIG_NAME).read_text(encoding="utf-8"))
         config["fan_in_fan_out"] = True

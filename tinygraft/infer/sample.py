@@ -1,6 +1,9 @@
 """`tinygraft sample`: text from a GPT (temperature, top-k, top-p, seed, KV cache): a pre-training run, a GPT-2
 directory, or a run fine-tuned from one."""
 
+import math
+import sys
+
 import torch
 
 from tinygraft.errors import TinygraftError
@@ -24,8 +27,8 @@ def sample(
 ) -> list[str]:
     if max_new_tokens < 1 or num_samples < 1:
         raise TinygraftError("--tokens and --num-samples must be at least 1")
-    if temperature < 0:
-        raise TinygraftError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise TinygraftError(f"--temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise TinygraftError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -38,6 +41,13 @@ def sample(
         raise TinygraftError(
             f"sample needs a GPT checkpoint; {where!r} holds a BERT model, try `tinygraft eval` instead"
         )
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        where = str(loaded.ckpt.path) if loaded.ckpt is not None else str(loaded.path)
+        raise TinygraftError(
+            f"{len(bad)} weight tensors of {where!r} hold NaN or infinity (first: {bad[0]}): the run diverged "
+            "before this checkpoint; sample an earlier step directory instead"
+        )
     tok = loaded.tokenizer
     if tok is None:
         raise TinygraftError(f"'{loaded.path}' has no tokenizer to turn the samples into text")
@@ -47,7 +57,10 @@ def sample(
             raise TinygraftError("give a --prompt: this tokenizer has no end-of-text token to start from")
         ids = [tok.eos_id]
     if len(ids) >= model.config.block_size:
-        ids = ids[-(model.config.block_size - 1) :]
+        keep = model.config.block_size - 1
+        print(f"note: the prompt's {len(ids)} tokens do not fit the model's {model.config.block_size} positions; "
+              f"sampling goes on from its last {keep}", file=sys.stderr)  # fmt: skip
+        ids = ids[-keep:]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache=use_cache)

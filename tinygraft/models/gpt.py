@@ -209,7 +209,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    try:
+        return torch.multinomial(probs, 1, generator=generator)
+    except RuntimeError:  # checked only on failure: a check per token would wait on the GPU every token
+        if torch.isfinite(probs).all():
+            raise
+        raise TinygraftError(
+            "the model's next-token scores hold NaN or infinity, so there is nothing to sample from"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Pickled weights (`pytorch_model.bin`, ...) are never read: they are named and re
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,15 +262,11 @@ def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], t
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
-    if tokenizer is not None:
-        texts.update(tokenizer_files(tokenizer, positions))
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    for name, text in texts.items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        _write_files(tmp, config, tensors, tokenizer, positions)
+    except BaseException:  # a full disk or Ctrl-C: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not path.exists():
         os.replace(tmp, path)
     else:
@@ -282,6 +279,20 @@ def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], t
     finally:
         os.close(fd)
     return path
+
+
+def _write_files(tmp: Path, config: dict, tensors: dict, tokenizer, positions) -> None:
+    texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
+    if tokenizer is not None:
+        texts.update(tokenizer_files(tokenizer, positions))
+    for name, text in texts.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    # safetensors creates its file owner-only (0600); give it the mode the umask gives the files beside it
+    os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
 
 
 # -------------------------------------------------------------------------------------------------- tokenizers

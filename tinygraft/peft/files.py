@@ -5,13 +5,20 @@
                                     base_model.model.<module path>.lora_B.weight  (out, r)
 
 peft's keys are its module paths inside `PeftModel(base)` (hence the `base_model.model.` prefix) with the adapter
-name dropped. A peft config that asks for something this LoRA does not compute (DoRA, per-layer ranks, trained
-biases, extra full modules, ...) is refused by name rather than loaded into the wrong math.
+name dropped. A task model's adapter (a fine-tuned classifier, tagger or reader) also names its `task_type` and
+carries the head as `modules_to_save` (`base_model.model.classifier.weight`, ...), the backbone's keys then sitting
+under the task model's prefix (`base_model.model.bert.`). A peft config that asks for something this LoRA does not
+compute (DoRA, per-layer ranks, trained biases, extra full modules, ...) is refused by name rather than loaded into
+the wrong math.
 """
 
 import json
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -62,14 +69,47 @@ def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_m
     }
 
 
-def save_adapter(model: nn.Module, directory, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None):
-    """Write DIR/adapter_config.json and DIR/adapter_model.safetensors (peft's layout) for one adapter."""
+@dataclass
+class PeftHead:
+    """What peft's task models (PeftModelForSequenceClassification, ...) read beside the LoRA weights: the task
+    type, the head's tensors under transformers' names, and where the backbone sits in the task model."""
+
+    task_type: str  # "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"
+    tensors: dict[str, torch.Tensor]  # {"classifier.weight": ..., "classifier.bias": ...}
+    backbone_prefix: str = "bert."
+
+
+def save_adapter(
+    model: nn.Module,
+    directory,
+    adapter_name: str = DEFAULT_ADAPTER,
+    base_model_name_or_path=None,
+    head: PeftHead | None = None,
+):
+    """Write DIR/adapter_config.json and DIR/adapter_model.safetensors (peft's layout) for one adapter; with a
+    `head`, keyed for peft's task model of that type (the backbone under its prefix, the head as modules_to_save).
+
+    Each file is written beside its final name and renamed into place, with the mode its directory's other files
+    get (safetensors alone would make it owner-only)."""
     directory = Path(directory)
     config = adapter_config(model, adapter_name, base_model_name_or_path)
+    prefix = PEFT_PREFIX + (head.backbone_prefix if head else "")
+    tensors = {prefix + k: v.contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    if head is not None:
+        config["task_type"] = head.task_type
+        config["modules_to_save"] = sorted({name.split(".")[0] for name in head.tensors})
+        tensors.update({PEFT_PREFIX + k: v.detach().contiguous() for k, v in head.tensors.items()})
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tmp_config, tmp_weights = (directory / f".{name}.tmp-{os.getpid()}" for name in (CONFIG_NAME, WEIGHTS_NAME))
+    try:
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        os.chmod(tmp_weights, stat.S_IMODE(tmp_config.stat().st_mode))
+        os.replace(tmp_weights, directory / WEIGHTS_NAME)
+        os.replace(tmp_config, directory / CONFIG_NAME)
+    finally:
+        tmp_config.unlink(missing_ok=True)
+        tmp_weights.unlink(missing_ok=True)
 
 
 def read_adapter_config(directory) -> dict:

@@ -59,6 +59,8 @@ class LoRAConfig:
             raise TinygraftError(f"LoRA rank r must be a positive integer; got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise TinygraftError(f"LoRA dropout must be in [0, 1); got {self.dropout}")
+        if not math.isfinite(self.alpha):
+            raise TinygraftError(f"LoRA alpha must be a number; got {self.alpha}")
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 

@@ -10,6 +10,7 @@ A task is one file (tasks/classify.py, tokens.py, qa.py, similarity.py, instruct
     label_map     the label names, from the training examples (None for a task without classes)
     encode        examples -> features (dicts of Python lists) the collate of data/labeled.py pads into batches
     make_head     the module over the backbone that turns its features into outputs and a loss
+    peft_head     the head as peft's task model for this task holds it (an adapter export carries it), or None
     metric        the validation metric that picks the best checkpoint, and whether higher is better
     scorer        what gathers outputs over the validation batches into that task's metrics
     predict       a fine-tuned model's output for each example, as the JSON objects `predict` prints
@@ -30,6 +31,7 @@ from torch import nn
 from tinygraft.core.config import setting
 from tinygraft.data import labeled as L
 from tinygraft.errors import TinygraftError
+from tinygraft.peft.files import PeftHead
 
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 
@@ -134,6 +136,11 @@ class Task:
     def describe_head(self, head: nn.Module) -> dict:
         """What rebuilds the head with `make_head` (stored in config.json), beside the settings."""
         return {}
+
+    def peft_head(self, head: nn.Module) -> PeftHead | None:
+        """The head as the task model of peft + transformers for this task holds it (`task_type`, tensors under
+        transformers' names), for an exported adapter to carry; None where no such model computes what it does."""
+        return None
 
     def metric(self, settings) -> tuple[str, bool]:
         """(validation metric that picks the best checkpoint, higher is better)."""

@@ -24,12 +24,18 @@ from tinygraft.data.demo import write_demo_task
 from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import Features, hidden_size
 from tinygraft.models.pooling import POOLINGS, check_pooling, default_pooling
+from tinygraft.peft.files import PeftHead
 from tinygraft.tasks import metrics
 from tinygraft.tasks.base import DataSettings, Scorer, Task
 
 PROBLEMS = ("single_label", "multi_label", "regression")
 POOLING_HELP = "how the head pools the token states (default: the checkpoint's own, else the model's usual)"
 DROPOUT_HELP = "dropout before the head's classifier"
+
+
+def check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise TinygraftError(f"--dropout must be in [0, 1), got {p}")
 
 
 class SequenceClassificationHead(nn.Module):
@@ -73,6 +79,9 @@ class ClassifySettings:
     )
     pooling: Literal[POOLINGS] | None = setting(None, POOLING_HELP)  # type: ignore[valid-type]
     dropout: float = setting(0.1, DROPOUT_HELP)
+
+    def __post_init__(self):
+        check_dropout(self.dropout)
 
 
 class ClassifyScorer(Scorer):
@@ -127,6 +136,12 @@ class Classify(Task):
 
     def describe_head(self, head):
         return {"num_labels": head.num_labels, "pooling": head.pooling, "problem": head.problem}
+
+    def peft_head(self, head):
+        if head.pooling != "pooler":  # BertForSequenceClassification classifies the pooler's output, nothing else
+            return None
+        c = head.classifier
+        return PeftHead("SEQ_CLS", {"classifier.weight": c.weight, "classifier.bias": c.bias})
 
     def metric(self, settings):
         return {

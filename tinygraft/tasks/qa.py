@@ -17,7 +17,9 @@ from torch import nn
 
 from tinygraft.core.config import setting
 from tinygraft.data import qa
+from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import Features, hidden_size
+from tinygraft.peft.files import PeftHead
 from tinygraft.tasks import metrics
 from tinygraft.tasks.base import Scorer, Task, read_lines, split_pair
 
@@ -47,6 +49,10 @@ class QuestionAnsweringHead(nn.Module):
 class QASettings:
     doc_stride: int | None = setting(None, "overlap of the context windows in tokens (default min(128, max_length/4))")
     answer_start_col: str | None = setting(None, "tables: the column of the answer's character offset in the context")
+
+    def __post_init__(self):
+        if self.doc_stride is not None and self.doc_stride < 0:
+            raise TinygraftError(f"--doc-stride must be at least 0, got {self.doc_stride}")
 
 
 def window_logits(outs) -> tuple[list, list]:
@@ -107,6 +113,11 @@ class QA(Task):
 
     def make_head(self, backbone, settings, label_map, pooling):
         return QuestionAnsweringHead(hidden_size(backbone))
+
+    def peft_head(self, head):  # BertForQuestionAnswering: the same `qa_outputs` over every token's state
+        return PeftHead(
+            "QUESTION_ANS", {"qa_outputs.weight": head.qa_outputs.weight, "qa_outputs.bias": head.qa_outputs.bias}
+        )
 
     def metric(self, settings):
         return "f1", True

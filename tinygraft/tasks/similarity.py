@@ -9,6 +9,7 @@ metric   Spearman (+ Pearson) of the cosines against the scores
 predict  {"text", "text_pair", "score"}; input: a table with the run's columns, or sentence<TAB>sentence lines
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,6 +62,10 @@ class SimilaritySettings:
     pooling: Literal[POOLINGS] | None = setting(None, POOLING_HELP)  # type: ignore[valid-type]
     similarity_loss: Literal["cosine", "contrastive"] = setting("cosine", "cosine (regress the score) or contrastive")
     max_score: float = setting(5.0, "the label scale (STS-B 0..5): cosine targets are score / max_score")
+
+    def __post_init__(self):
+        if not (math.isfinite(self.max_score) and self.max_score > 0):
+            raise TinygraftError(f"--max-score must be a positive number (the top of the scores), got {self.max_score}")
 
 
 class SimilarityScorer(Scorer):

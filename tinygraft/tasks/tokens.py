@@ -19,9 +19,10 @@ from tinygraft.core.config import setting
 from tinygraft.data import ner
 from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import Features, hidden_size
+from tinygraft.peft.files import PeftHead
 from tinygraft.tasks import metrics
 from tinygraft.tasks.base import Scorer, Task, read_lines
-from tinygraft.tasks.classify import DROPOUT_HELP
+from tinygraft.tasks.classify import DROPOUT_HELP, check_dropout
 
 
 class TokenClassificationHead(nn.Module):
@@ -47,6 +48,9 @@ class TokenClassificationHead(nn.Module):
 @dataclass
 class TokensSettings:
     dropout: float = setting(0.1, DROPOUT_HELP)
+
+    def __post_init__(self):
+        check_dropout(self.dropout)
 
 
 class TokensScorer(Scorer):
@@ -100,6 +104,11 @@ class Tokens(Task):
 
     def describe_head(self, head):
         return {"num_labels": head.num_labels}
+
+    def peft_head(self, head):  # BertForTokenClassification: dropout, then `classifier` on every token's state
+        return PeftHead(
+            "TOKEN_CLS", {"classifier.weight": head.classifier.weight, "classifier.bias": head.classifier.bias}
+        )
 
     def metric(self, settings):
         return "entity_f1", True

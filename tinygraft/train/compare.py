@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,7 +120,8 @@ def run_one(child: FinetuneConfig, out: Path, log: Path, threads: int | None, ov
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        code = wait_for(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                        f"the {child.method} run (seed {child.train.seed})")  # fmt: skip
     if code != 0:
         lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {code}"
@@ -127,6 +129,24 @@ def run_one(child: FinetuneConfig, out: Path, log: Path, threads: int | None, ov
             f"the {child.method} run (seed {child.train.seed}) failed: {last.removeprefix('error: ')} (log: {log})"
         )
     return read_json(results, "results file")
+
+
+def wait_for(proc: subprocess.Popen, what: str) -> int:
+    """The child's exit code. A Ctrl-C reaches compare alone (the child has a session of its own) and is handed on
+    once, so the run finishes its step and saves a checkpoint; compare then stops too (exit 130), and the same
+    compare command later resumes that run. A second Ctrl-C stops the run at once, without saving."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        print(f"interrupt: {what} saves a checkpoint after its current step (Ctrl-C again to stop it at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise KeyboardInterrupt from None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

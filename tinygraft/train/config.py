@@ -16,6 +16,7 @@ by name, anything else by its absolute path); its model settings are the source'
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,8 +61,18 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TinygraftError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise TinygraftError("train.lr must be positive, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TinygraftError(f"train.lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise TinygraftError("train.min_lr_ratio must be in [0, 1] and train.warmup_steps >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TinygraftError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise TinygraftError(f"train.eps must be a positive number, got {self.eps}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise TinygraftError(f"train.{name} must be a number >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -258,8 +269,10 @@ class FinetuneTrain:
                 raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
             raise TinygraftError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.lr is not None and self.lr <= 0:
-            raise TinygraftError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise TinygraftError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TinygraftError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
 
 
 @dataclass

@@ -109,13 +109,16 @@ class TaskData:
     val_examples: list
     n_train: int
     n_val: int
+    notes: list[str] = field(default_factory=list)  # the readers' warnings, one sentence each
 
 
 def prepare_data(cfg: FinetuneConfig, run_dir: Path, tokenizer, loaded: runs.Loaded | None) -> TaskData:
     task, settings, data = get_task(cfg.task), cfg.task_settings, cfg.data
     data = dataclasses.replace(data, train=runs.in_run(run_dir, data.train), val=runs.in_run(run_dir, data.val))
-    train_ex = subset(task.read_training(data, settings), data.max_train)
-    val_ex = subset(task.read_validation(data, settings), data.max_val)  # random, not the first N: a sorted file
+    read_train, read_val = task.read_training(data, settings), task.read_validation(data, settings)
+    notes = [*getattr(read_train, "notes", []), *getattr(read_val, "notes", [])]  # what the readers had to say
+    train_ex = subset(read_train, data.max_train)
+    val_ex = subset(read_val, data.max_val)  # random, not the first N: a file sorted by genre or date would mislead
     if not train_ex:
         raise TinygraftError(f"training file '{data.train}' holds no examples")
     if not val_ex:
@@ -127,7 +130,7 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, tokenizer, loaded: runs.Loa
         label_map = loaded.label_map or label_map
     train_f = task.encode(train_ex, tokenizer, data, settings, label_map, str(data.train))
     val_f = task.encode(val_ex, tokenizer, data, settings, label_map, str(data.val or data.train))
-    return TaskData(train_f, val_f, label_map, val_ex, len(train_ex), len(val_ex))
+    return TaskData(train_f, val_f, label_map, val_ex, len(train_ex), len(val_ex), notes)
 
 
 def with_demo(cfg: FinetuneConfig, run_dir: Path) -> FinetuneConfig:
@@ -207,7 +210,12 @@ def resolve(args: FinetuneArgs, run_dir: RunDir):
 
 
 def finetune(args: FinetuneArgs) -> Outcome:
-    run_dir = RunDir(args.out)
+    """The job; its run directory is held (an OS lock) from the first look at it to the end."""
+    with RunDir(args.out) as run_dir:
+        return _finetune(args, run_dir)
+
+
+def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     run_dir.check(resume=args.resume, overwrite=args.overwrite)
     if args.stop_at is not None and args.stop_at < 1:
         raise TinygraftError(f"--stop-at must be at least 1, got {args.stop_at}")
@@ -337,6 +345,8 @@ def finetune(args: FinetuneArgs) -> Outcome:
     )
     for line in plan:
         say(line)
+    for note in data.notes:
+        say(f"warning: {note}")
     outcome = train(job, loop_cfg, run_dir, resume=resume, stop_at=args.stop_at)
     results = dict(outcome.results)
     trainable, _ = methods.trainable_summary(model)
@@ -345,6 +355,7 @@ def finetune(args: FinetuneArgs) -> Outcome:
     if model.pooled_cache is not None:  # linear-probe: how often the frozen backbone was skipped
         c = model.pooled_cache
         results["feature_cache"] = {"examples": len(c.store), "hits": c.hits, "misses": c.misses}
+    results["warnings"] = list(data.notes)
     results["eval_seconds"] = timer["eval_seconds"]
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)

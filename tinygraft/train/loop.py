@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["torch"]), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in state["cuda"]])
+
+
+def restore(step_dir: Path, field: str, load) -> None:
+    """Load one field of trainer_state.json (types checked by checkpoint.load; the insides only here)."""
+    try:
+        load()
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError):
+        raise TinygraftError(
+            f"checkpoint file '{step_dir / checkpoint.TRAINER_STATE}' holds an invalid {field!r}, so the run "
+            "cannot continue from it; restore the file, or start the run over with --overwrite"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -214,10 +226,10 @@ def train(
         check_optimizer_state(optimizer, resume.optimizer, repr(str(resume.path)))
         optimizer.load_state_dict(resume.optimizer)
         state = resume.trainer_state
-        step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
+        step, tokens_seen, elapsed_before = state["step"], state.get("tokens_seen", 0), state.get("train_seconds", 0.0)
         best = state.get("best", best)
-        job.batcher.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        restore(resume.path, "data", lambda: job.batcher.load_state_dict(state["data"]))
+        restore(resume.path, "rng", lambda: set_rng_state(state["rng"]))
         run.truncate_metrics(step)
         if step >= cfg.steps:
             raise TinygraftError(f"the run in {str(run.path)!r} already finished its {cfg.steps} steps; nothing to do")

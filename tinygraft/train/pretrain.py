@@ -199,7 +199,12 @@ def initial_model(model_cfg, source: Source | None, method: methods.Method):
 
 # ------------------------------------------------------------------------------------------------ the command
 def pretrain(args: PretrainArgs) -> Outcome:
-    run_dir = RunDir(args.out)
+    """The job; its run directory is held (an OS lock) from the first look at it to the end."""
+    with RunDir(args.out) as run_dir:
+        return _pretrain(args, run_dir)
+
+
+def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     flags = {"preset": args.preset, "data.corpus": runs.record_path(args.data, run_dir.path) if args.data else None,
              "train.steps": args.steps, "train.device": args.device, "train.seed": args.seed, "train.keep": args.keep,
              "method": args.method}  # fmt: skip

@@ -1,12 +1,22 @@
 """The run directory: config.json, metrics.jsonl, results.json, loss.png, checkpoints/.
 
 Nothing a user had is lost: a directory that already holds a run is refused unless the run is resumed
-(`--resume`) or replaced on purpose (`--overwrite`).
+(`--resume`) or replaced on purpose (`--overwrite`), and one process at a time works in it: a job holds an OS lock
+on the directory (flock) from its first look at it to its end, released however the process ends, so a second
+`--resume` or an `--overwrite` of a running run gets one sentence naming the holder's pid (in `.lock`), and a lock
+left by a dead process is simply free. Temporary checkpoint directories a dead process left behind are removed
+once the lock is held.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process per run directory is then the user's to keep
+    fcntl = None
 
 from tinygraft.core import checkpoint
 from tinygraft.core.jsonfile import read_json
@@ -17,11 +27,62 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 PLOT = "loss.png"
 RUN_FILES = (CONFIG, METRICS, RESULTS, "checkpoints")
+LOCK = ".lock"  # the pid of the process holding the directory (the lock itself is on the directory)
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def __del__(self):
+        self.release()
+
+    def lock(self) -> None:
+        """Hold the directory for this process (a no-op when it does not exist yet: prepare() locks it once made)."""
+        if self._lock_fd is not None or fcntl is None or not self.path.is_dir():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TinygraftError(
+                f"another tinygraft process{self._holder()} is using the run directory {str(self.path)!r}; wait for it "
+                "to end (or stop it) and try again"
+            ) from None
+        self._lock_fd = fd
+        try:
+            (self.path / LOCK).write_text(f"{os.getpid()}\n", encoding="utf-8")
+        except OSError:
+            pass  # a read-only run can still be read; the lock is on the directory, not in this file
+
+    def _holder(self) -> str:
+        try:
+            pid = int((self.path / LOCK).read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            return ""
+        return f" (pid {pid})"
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def clean_stale(self) -> None:
+        """Remove the temporary step directories a process that died while saving left in checkpoints/."""
+        if self._lock_fd is None or not self.checkpoints.is_dir():
+            return
+        for leftover in self.checkpoints.iterdir():
+            if leftover.is_dir() and leftover.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @property
     def checkpoints(self) -> Path:
@@ -31,11 +92,12 @@ class RunDir:
         return any((self.path / name).exists() for name in RUN_FILES)
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
-        """Refuse what cannot work, before anything is deleted or written."""
+        """Refuse what cannot work, before anything is deleted or written (the directory locked first, if it exists)."""
         if resume and overwrite:
             raise TinygraftError("--resume and --overwrite contradict each other; choose one")
         if self.path.exists() and not self.path.is_dir():
             raise TinygraftError(f"output path {str(self.path)!r} is a file, not a directory")
+        self.lock()
         if resume:
             if not self.holds_run():
                 raise TinygraftError(f"nothing to resume: {str(self.path)!r} holds no run")
@@ -49,16 +111,18 @@ class RunDir:
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """Make the directory ready for a new run (or check it holds one to resume); --overwrite deletes the old run."""
         self.check(resume=resume, overwrite=overwrite)
-        if resume:
-            return
-        if self.holds_run():
-            for name in (*RUN_FILES, PLOT):
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()
+            self.check(resume=False, overwrite=overwrite)  # another process may have started a run here meanwhile
+            if self.holds_run():
+                for name in (*RUN_FILES, PLOT):
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
+        self.clean_stale()
 
     def write_config(self, config: dict) -> None:
         checkpoint.atomic_write(self.path / CONFIG, json.dumps(config, indent=2) + "\n")
@@ -78,11 +142,14 @@ class RunDir:
         if not path.is_file():
             return []
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # bytes that are not UTF-8 and lines cut short by a crash are skipped: the rows are a log, not the state
+        for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
+                row = json.loads(line)
+            except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def truncate_metrics(self, step: int) -> None:
