@@ -14,7 +14,8 @@ Timing: CUDA events around each call on a GPU, perf_counter around each call (af
 So the cache does not flatter a small op, each call gets the next input set of `inputs` (rotating) and, on CUDA,
 a write to a buffer twice the largest L2 of current GPUs (256 MB) before each timed call (outside the events).
 
-Results schema, one file per benchmark at bench/results/<device-slug>/<bench>.json ("cpu" on a CPU):
+Results schema, one file per benchmark at bench/results/<device-slug>/<bench>.json ("cpu" on a CPU; the folder is
+$BENCH_RESULTS_DIR when that is set):
     {"bench": str, "device": str, "versions": {"python", "torch", "triton", "numpy", "cuda"}, "backend": str,
      "notes": {...}, "rows": [{column: value, ...}, ...]}
 """
@@ -195,7 +196,9 @@ class Results:
             "rows": [],
         }
         self.rows = self.data["rows"]
-        self.dir = RESULTS_DIR / device_slug(self.device)
+        # bench/gpu.sh points every stage at one folder ($OUT on a lent machine) with BENCH_RESULTS_DIR
+        override = os.environ.get("BENCH_RESULTS_DIR")
+        self.dir = Path(override) if override else RESULTS_DIR / device_slug(self.device)
 
     def add(self, **row) -> dict:
         self.rows.append(row)

@@ -63,7 +63,7 @@ def flops(tokens, k, n, r, with_backward, lora):
     return base + ((6 if with_backward else 2) * tokens * r * (k + n) if lora else 0)
 
 
-def run_case(res, dev, dtype, tokens, k, n, r):
+def run_case(res, dev, dtype, tokens, k, n, r, budget_s):
     w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
     a = (torch.randn(r, k, device=dev, dtype=dtype) / k**0.5).requires_grad_()
     b = (torch.randn(n, r, device=dev, dtype=dtype) / r**0.5).requires_grad_()
@@ -84,7 +84,7 @@ def run_case(res, dev, dtype, tokens, k, n, r):
             return torch.autograd.grad(fn(x), [x, *params], grad)
 
         for label, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
-            t = time_fn(step, inputs=[(x,) for x in xs], device=dev, budget_s=1.0 if dev.type == "cuda" else 0.3)
+            t = time_fn(step, inputs=[(x,) for x in xs], device=dev, budget_s=budget_s)
             mem = peak_memory_mb(lambda step=step: step(xs[0]), device=dev)
             f = flops(tokens, k, n, r, label == "fwd+bwd", name != "base")
             res.add(
@@ -128,8 +128,10 @@ def main(argv=None):
         choices=["bfloat16", "float16", "float32"],
         help="bfloat16 on a GPU, float32 on a CPU by default",
     )
+    parser.add_argument("--budget-s", type=float, default=None, help="timing budget per case (1 s GPU, 0.3 s CPU)")
     args = parser.parse_args(argv)
     dev = bench_device()
+    budget_s = args.budget_s or (1.0 if dev.type == "cuda" else 0.3)
     quick = args.quick or dev.type != "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     layers, tokens_list, ranks = (CPU_LAYERS, CPU_TOKENS, CPU_RANKS) if quick else (GPU_LAYERS, GPU_TOKENS, RANKS)
@@ -148,7 +150,7 @@ def main(argv=None):
     for k, n in layers:
         for r in ranks:
             for tokens in tokens_list:
-                run_case(res, dev, dtype, tokens, k, n, r)
+                run_case(res, dev, dtype, tokens, k, n, r, budget_s)
     res.table(["case", "pass_", "impl", "ms", "tflops", "peak_mb", "max_err_vs_eager"])
     if res.data["notes"]["tinygraft_path"] == "triton":
         res.data["notes"]["goals"] = goal_lines(res.rows)

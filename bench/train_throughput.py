@@ -128,7 +128,7 @@ def main(argv=None):
     presets = args.preset or (["gpt-tiny", "gpt2"] if device.type == "cuda" else ["gpt-tiny"])
     peak_tflops = args.matmul_tflops or (measured_matmul_tflops(device) if device.type == "cuda" else None)
     res = Results(
-        "train_throughput",
+        "train_throughput-compile" if args.compile else "train_throughput",
         device,
         notes={"compile": args.compile, "rounds": args.rounds, "matmul_peak_tflops": peak_tflops},
     )

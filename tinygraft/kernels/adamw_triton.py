@@ -53,8 +53,12 @@ def _adamw_block(
     # torch.optim.AdamW's order of operations, IEEE sqrt and division as on its CPU/CUDA paths
     m = m + one_minus_beta1 * (g - m)  # exp_avg.lerp_(g, 1 - beta1)
     v = v * beta2 + one_minus_beta2 * g * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p * decay - step_size * tl.div_rn(m, denom)  # decoupled decay, then the bias-corrected step
+    if COMPUTE == tl.float64:  # sqrt_rn/div_rn take fp32 only; fp64 sqrt and division are IEEE-rounded already
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+        p = p * decay - step_size * (m / denom)
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p * decay - step_size * tl.div_rn(m, denom)  # decoupled decay, then the bias-corrected step
     tl.store(m_ptr + offs, _round(m, S_DTYPE), mask=mask)
     tl.store(v_ptr + offs, _round(v, S_DTYPE), mask=mask)
     if MASTER:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinygraft.kernels import backend, rng
+from tinygraft.kernels import attention_decode_triton, backend, launch, rng
 from tinygraft.kernels.rng_triton import keep_mask
 
 LOG2E = 1.4426950408889634
@@ -760,69 +760,27 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), per head dim (128, or 64 and below). The forward's 128 x 64/128 tiles
-# with 4-8 warps and 2-4 stages are what Hopper's wgmma path likes; the dK/dV kernel holds a key block (BLOCK_N)
-# and streams query blocks (BLOCK_M), the dQ kernel the other way round, as in Triton's fused-attention tutorial.
-# Each was compiled for sm_90 without a GPU (Triton 3.9 and 3.6, ptxas -v, bf16, stride 1 along D as a launch
-# specialises it): all fit 227 KB of shared memory, pipeline their K/V (or Q/dO) loads with cp.async into wgmma,
-# and keep their accumulators in registers (the worst: ~100 bytes of spill in 3.6's causal D = 128 dK/dV). Dropped
-# for spilling hundreds of bytes: the 4-warp 128 x 64 forward and 4-warp 128-key dK/dV at D = 128. Untimed.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), per head dim (128, or 64 and below), in order of preference: the first
+# that builds within a target's limits is what launch_configs.json commits for it (the compile check prunes the
+# rest per target: the 128 x 128 forward at D = 128 needs 224 KB, past the A100's 163 KB). The forward's 128 x 64/128
+# tiles with 4-8 warps and 2-3 stages are what Hopper's wgmma path likes; the dK/dV kernel holds a key block
+# (BLOCK_N) and streams query blocks (BLOCK_M), the dQ kernel the other way round, as in Triton's fused-attention
+# tutorial. Four each, so the check can build every one under both Tritons within CI's time. Untimed on a GPU.
 _CONFIGS = {
-    "fwd": {
-        128: _configs(
-            [
-                (128, 64, 8, 3),
-                (128, 64, 8, 4),
-                (128, 128, 8, 3),
-                (128, 128, 8, 2),
-                (128, 64, 8, 2),
-                (64, 64, 4, 3),
-                (64, 32, 4, 4),
-            ]
-        ),
-        64: _configs(
-            [
-                (128, 64, 4, 3),
-                (128, 64, 8, 3),
-                (128, 128, 8, 3),
-                (128, 64, 4, 4),
-                (128, 128, 8, 2),
-                (128, 32, 4, 4),
-                (64, 64, 4, 3),
-                (64, 32, 4, 4),
-            ]
-        ),
-    },
-    "dkdv": {
-        128: _configs(
-            [(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 4), (16, 64, 4, 3)]
-        ),
-        64: _configs(
-            [
-                (32, 128, 8, 3),
-                (32, 128, 8, 4),
-                (64, 128, 8, 2),
-                (16, 128, 4, 3),
-                (32, 64, 4, 3),
-                (64, 64, 8, 3),
-                (16, 64, 4, 4),
-            ]
-        ),
-    },
-    "dq": {
-        128: _configs(
-            [
-                (128, 32, 4, 3),
-                (128, 64, 8, 3),
-                (128, 32, 4, 5),
-                (128, 64, 8, 2),
-                (128, 32, 8, 3),
-                (64, 64, 4, 3),
-                (64, 32, 4, 4),
-            ]
-        ),
-        64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3), (64, 32, 4, 4)]),
-    },
+    "fwd": {128: _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]),
+            64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)])},
+    "dkdv": {128: _configs([(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)]),
+             64: _configs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 4)])},
+    "dq": {128: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
+           64: _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])},
+}  # fmt: skip
+# fp32: IEEE dots are FMA loops, not tensor-core MMAs, and hold whole tiles of products in registers. The compile
+# check's scan of 16-64 row and key blocks kept these as the largest that spill nothing on sm_80 and sm_90 (64 x 64
+# at D = 64 spilled 9 KB per thread).
+_FP32_CONFIGS = {
+    "fwd": {128: _configs([(32, 32, 8, 2)]), 64: _configs([(64, 32, 8, 2)])},
+    "dkdv": {128: _configs([(16, 16, 4, 2)]), 64: _configs([(32, 32, 8, 2)])},
+    "dq": {128: _configs([(16, 64, 8, 2)]), 64: _configs([(32, 32, 8, 2)])},
 }
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_PAD", "DROPOUT", "T_BUCKET", "S_BUCKET"]
 # Under the interpreter: small unequal blocks, so the tests walk ragged edges and causal diagonals of both shapes.
@@ -833,18 +791,20 @@ _INTERPRET = {
 }
 _DELTA_BLOCK_M = 64
 
-_tuned = {}
+
+def shape_class(head_dim: int, dtype: torch.dtype) -> str:
+    """The unit a candidate list (and launch_configs.json) is kept by: "d128-16bit", "d64-fp32"."""
+    return f"d{128 if head_dim == 128 else 64}-{'fp32' if dtype == torch.float32 else '16bit'}"
 
 
-def _kernel(name: str, head_dim: int):
-    """The autotuned kernel on a GPU, the plain one (with the fixed blocks) under the interpreter."""
+def _kernel(name: str, head_dim: int, dtype: torch.dtype):
+    """(kernel, extra launch kwargs): the committed or autotuned config on a GPU, fixed blocks under the interpreter."""
     plain = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
     if backend.interpreting():
         return plain, _INTERPRET[name]
     dims = 128 if head_dim == 128 else 64
-    if (name, dims) not in _tuned:
-        _tuned[name, dims] = triton.autotune(configs=_CONFIGS[name][dims], key=_KEY)(plain)
-    return _tuned[name, dims], {}
+    configs = (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[name][dims]
+    return launch.autotuned(f"attention.{name}", shape_class(head_dim, dtype), plain, configs, _KEY)
 
 
 def _bucket(n: int) -> int:
@@ -871,15 +831,31 @@ def _pad_args(key_padding_mask, q):
 
 
 def _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    """(out, lse): by split keys for a few query rows (a decode step), else one program per block of query rows."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    pad, stride_pb = _pad_args(key_padding_mask, q)
+    has_pad = key_padding_mask is not None
+    if q.numel() and attention_decode_triton.eligible(T, Hq // Hkv, dropout_p):
+        return attention_decode_triton.forward(
+            q, k, v, pad, stride_pb, has_pad, causal, softmax_scale * LOG2E, _dot_flags(q.dtype),
+            shape_class(D, q.dtype), _bucket(S),
+        )  # fmt: skip
     out = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-    pad, stride_pb = _pad_args(key_padding_mask, q)
-    seed_key, threshold, inv_keep = _dropout_args(dropout_p, seed)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    kernel, blocks = _kernel("fwd", D)
+    dropout = (dropout_p > 0.0, *_dropout_args(dropout_p, seed))
+    _forward_rows(q, k, v, out, lse, pad, stride_pb, has_pad, causal, softmax_scale, dropout)
+    return out, lse
+
+
+def _forward_rows(q, k, v, out, lse, pad, stride_pb, has_pad, causal, softmax_scale, dropout):
+    """The forward kernel: one program per block of query rows of one head."""
+    has_dropout, seed_key, threshold, inv_keep = dropout
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    kernel, blocks = _kernel("fwd", D, q.dtype)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
@@ -908,12 +884,11 @@ def _forward(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
         _bucket(S),
         HEAD_DIM=D,
         CAUSAL=causal,
-        HAS_PAD=key_padding_mask is not None,
-        DROPOUT=dropout_p > 0.0,
+        HAS_PAD=has_pad,
+        DROPOUT=has_dropout,
         **_dot_flags(q.dtype),
         **blocks,
     )
-    return out, lse
 
 
 def _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
@@ -935,7 +910,7 @@ def _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dr
     )
     qk_scale = softmax_scale * LOG2E
 
-    kernel, blocks = _kernel("dkdv", D)
+    kernel, blocks = _kernel("dkdv", D, q.dtype)
     kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q,
         k,
@@ -968,7 +943,7 @@ def _backward(do, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dr
         **flags,
         **blocks,
     )
-    kernel, blocks = _kernel("dq", D)
+    kernel, blocks = _kernel("dq", D, q.dtype)
     kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
         q,
         k,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tinygraft.kernels import launch
 from tinygraft.kernels.backend import interpreting
 
 
@@ -92,15 +93,33 @@ def _bias_gelu_bwd_kernel(
 
 
 def _configs(*pairs):
-    if interpreting():  # one small config: the interpreter runs each program in numpy, autotuning would multiply it
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in pairs]
 
 
-_fwd = triton.autotune(_configs((8, 256, 4), (16, 256, 8), (32, 128, 4), (4, 1024, 8), (2, 2048, 8)), key=["N"])(
-    _bias_gelu_fwd_kernel
-)
-_bwd = triton.autotune(_configs((16, 128, 4), (32, 128, 8), (64, 64, 4), (8, 256, 4)), key=["N"])(_bias_gelu_bwd_kernel)
+# One small config under the interpreter: it runs each program in numpy, autotuning would multiply it.
+_INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4}
+# (BLOCK_M, BLOCK_N, warps) in order of preference, per shape class: wider rows for 16-bit storage, fewer elements
+# per thread for fp64 (its GELU holds twice the registers: 8 x 256 spilled 208 bytes on sm_90).
+_CONFIGS = {
+    "16bit": {"fwd": _configs((8, 256, 4), (16, 256, 8), (4, 1024, 8)), "bwd": _configs((16, 128, 4), (32, 128, 8),
+                                                                                        (8, 256, 4))},
+    "fp32": {"fwd": _configs((8, 256, 4), (4, 1024, 8)), "bwd": _configs((16, 128, 4), (8, 256, 4))},
+    "fp64": {"fwd": _configs((8, 256, 4)), "bwd": _configs((8, 128, 4))},
+}  # fmt: skip
+
+
+def shape_class(dtype: torch.dtype) -> str:
+    """The unit launch_configs.json keeps a choice by: "16bit", "fp32" or "fp64"."""
+    return {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "16bit")
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """(kernel, extra launch kwargs): the committed or autotuned config on a GPU, the small one when interpreted."""
+    plain = {"fwd": _bias_gelu_fwd_kernel, "bwd": _bias_gelu_bwd_kernel}[name]
+    if interpreting():
+        return plain, _INTERPRETER
+    cls = shape_class(dtype)
+    return launch.autotuned(f"bias_gelu.{name}", cls, plain, _CONFIGS[cls][name], ["N"])
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -136,9 +155,11 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torc
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _fwd[grid](
-        x2, bias, y, M, N, x2.stride(0), y.stride(0), APPROX_TANH=approximate == "tanh", COMPUTE=_compute_dtype(x.dtype)
-    )
+    kernel, fixed = _kernel("fwd", x.dtype)
+    kernel[grid](
+        x2, bias, y, M, N, x2.stride(0), y.stride(0),
+        APPROX_TANH=approximate == "tanh", COMPUTE=_compute_dtype(x.dtype), **fixed,
+    )  # fmt: skip
     return y.reshape(x.shape)
 
 
@@ -163,7 +184,8 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approxi
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), grid_m)
 
-    _bwd[grid](
+    kernel, fixed = _kernel("bwd", x.dtype)
+    kernel[grid](
         dy2,
         x2,
         bias,
@@ -177,5 +199,6 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approxi
         grid_m,
         APPROX_TANH=approximate == "tanh",
         COMPUTE=compute,
+        **fixed,
     )
     return dx.reshape(x.shape), partials.sum(0).to(bias.dtype)

@@ -18,13 +18,11 @@ Dropout masks come from `rng_triton.keep_mask` at element index row * in_feature
 (tokens x in) input, whichever operand holds it; the launchers pass that index's strides.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from tinygraft.kernels import backend, rng
+from tinygraft.kernels import backend, launch, rng
 from tinygraft.kernels.rng_triton import keep_mask
 
 
@@ -158,34 +156,46 @@ def _skinny_matmul_kernel(
 # Launchers. On CUDA the block shapes are autotuned (Hopper: 128-row tiles for wgmma, 3-4 pipeline stages within
 # 228 KB of shared memory); under the interpreter one fixed small config runs, since tuning there measures nothing.
 
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]
-]
-_SKINNY_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 128, 4, 4)]
-]
+
+def _gemm_configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]  # fmt: skip
+
+
+def _skinny_configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in order of preference, per shape class: fp32 products (IEEE, or TF32
+# where allowed) hold twice the bytes per tile, and IEEE ones are FMA loops, not tensor-core MMAs, so fp32 keeps
+# small tiles (128 x 128 at IEEE spilled 13 KB per thread in the compile check).
+_GEMM_CONFIGS = {
+    "16bit": _gemm_configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                            (64, 64, 64, 4, 4)]),
+    "fp32": _gemm_configs([(64, 64, 32, 4, 3), (64, 32, 32, 4, 2)]),
+}  # fmt: skip
+_SKINNY_CONFIGS = {
+    "16bit": _skinny_configs([(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3)]),
+    "fp32": _skinny_configs([(64, 64, 4, 3), (32, 64, 4, 2)]),
+}
 _INTERPRETER_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 _INTERPRETER_SKINNY = {"BLOCK_M": 64, "BLOCK_K": 128}
 
 
-@functools.cache
-def _tuned(kernel_name: str):
-    # Keys name the flags too, so the forward, dX and dW GEMMs each get their own tuned config.
+def shape_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _tuned(kernel_name: str, dtype: torch.dtype):
+    """(kernel, extra launch kwargs) on a GPU: the committed config for this target, or an autotuner. Keys name the
+    flags too, so the forward, dX and dW GEMMs each get their own tuned config."""
     if kernel_name == "gemm":
         keys = ["M", "N", "K", "R", "HAS_LOWRANK", "DROPOUT"]
-        return triton.autotune(_GEMM_CONFIGS, key=keys)(_lowrank_matmul_kernel)
-    return triton.autotune(_SKINNY_CONFIGS, key=["M", "K", "R", "K_PER_SPLIT", "DROPOUT"])(_skinny_matmul_kernel)
+        cls = shape_class(dtype)
+        return launch.autotuned("lora.gemm", cls, _lowrank_matmul_kernel, _GEMM_CONFIGS[cls], keys)
+    keys = ["M", "K", "R", "K_PER_SPLIT", "DROPOUT"]
+    cls = shape_class(dtype)
+    return launch.autotuned("lora.skinny", cls, _skinny_matmul_kernel, _SKINNY_CONFIGS[cls], keys)
 
 
 def _block_r(r: int) -> int:
@@ -234,15 +244,16 @@ def lowrank_matmul(p, q, u=None, v=None, bias=None, scale=1.0, dropout_p=0.0, se
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _lowrank_matmul_kernel[grid](*args, **flags, **cfg)
     else:
+        kernel, fixed = _tuned("gemm", p.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned("gemm")[grid](*args, **flags)
+        kernel[grid](*args, **flags, **fixed)
     return out
 
 
 def _split_count(M: int, K: int, device: torch.device) -> int:
     """How many slices of K the skinny reduction uses: enough programs to fill the GPU, slices >= 256 long."""
-    if backend.interpreting():
-        target = 4  # small, so the tests exercise the split path too
+    if backend.interpreting() or device.type != "cuda":
+        target = 4  # small, so the tests exercise the split path too (and the compile check, on meta tensors)
     else:
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     m_blocks = triton.cdiv(M, 64)
@@ -288,8 +299,9 @@ def skinny_matmul(p, q, alpha=1.0, dropout_p=0.0, seed=0, mask_strides=(0, 0), o
         cfg = _INTERPRETER_SKINNY
         _skinny_matmul_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), split, r_blocks)](*args, **flags, **cfg)
     else:
+        kernel, fixed = _tuned("skinny", p.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split, r_blocks)  # noqa: E731
-        _tuned("skinny")[grid](*args, **flags)
+        kernel[grid](*args, **flags, **fixed)
     if split > 1:
         out.copy_(target.sum(0))
     return out
