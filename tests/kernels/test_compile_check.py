@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 from tinygraft.kernels import launch
@@ -177,3 +178,15 @@ def test_failure_modes_are_reported_not_crashed_on(tmp_path):
     assert out["configs"]["sm_80"]["test.big_dot"]["all"]["chosen"] is None
     report = (tmp_path / f"triton-{version}.md").read_text()
     assert "| test.spills | all | sm_80 |" in report and "compile error" in report
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--tune"], "--tune times kernels on a CUDA GPU and this machine has none"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+])  # fmt: skip
+def test_command_line_refusals_are_one_sentence(args, says):
+    if args == ["--tune"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --tune would run")
+    proc = subprocess.run([sys.executable, "-m", "tinygraft.kernels.compile_check", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

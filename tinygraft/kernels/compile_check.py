@@ -44,11 +44,16 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted on
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud (it warns otherwise)
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+except ImportError:
+    print("the compile check builds with Triton, which is not installed here: pip install triton", file=sys.stderr)
+    sys.exit(2)
 
 from tinygraft.kernels import launch  # noqa: E402
 
@@ -479,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.tune:
         return tune(a.only)
+    if not CUOBJDUMP.is_file():
+        print(f"the compile check reads cubins with the cuobjdump Triton's wheel ships, not found at {CUOBJDUMP}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if a.workers < 1:
         print(f"--workers must be at least 1, got {a.workers}", file=sys.stderr)
         return 2
