@@ -86,6 +86,17 @@ def test_decode_matches_float64_and_the_forward_kernel(B, Hq, Hkv, T, S, D, caus
     assert ((lse[seen] - rows_lse[seen]).abs() <= budget).all()
 
 
+@pytest.mark.kernel_smoke
+def test_smoke_decode_gqa_padding(device, spy_decode):
+    q, k, v, mask = _inputs(1, 8, 2, 1, 129, 16, "random", F32, device)
+    out, lse, rows_out, rows_lse = _both_paths(q, k, v, mask, True, F32)
+    assert spy_decode == [(1, 129)]
+    ref = attention_reference(q, k, v, True, mask)
+    theirs = attention_reference(q.float(), k.float(), v.float(), True, mask)
+    assert_rule("decode out", out, theirs, ref, F32, 129 + 16, atol=2 * torch.finfo(F32).eps)
+    torch.testing.assert_close(lse, rows_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_through_the_decode_forward(device, triton_backend):
     """The backward kernels read the decode path's LSE: T = 1 gradients against float64."""
     q, k, v, mask = _inputs(1, 8, 2, 1, 129, 64, "random", F32, device)
