@@ -268,7 +268,7 @@ def test_lora_pretrain_saves_adapters_and_works_with_every_command(root, gpt_dir
     code, _, err = run(["export", out], capsys)
     assert code == 2 and "--to DIR" in err, err
     code, _, err = run(["export", root / "runs" / "gpt-from-hf", "--to", tmp_path / "x", "--merged"], capsys)
-    assert code == 2 and "is not a LoRA run" in err, err
+    assert code == 2 and "is not an adapter run" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ info PATH

@@ -5,11 +5,11 @@ from tinygraft.infer.export import export_adapter, export_run
 
 
 def add(sub) -> None:
-    p = sub.add_parser("export", help="a run's kept checkpoint in the Hugging Face layout, or a LoRA run's adapter")
+    p = sub.add_parser("export", help="a run's kept checkpoint in the Hugging Face layout, or an adapter run's adapter")
     p.add_argument("run", help="a run directory")
-    p.add_argument("--to", help="write the model here in the Hugging Face layout (a LoRA run: adapter merged)")
-    p.add_argument("--merged", action="store_true", help="with --to: insist the run is a LoRA run and merge it")
-    p.add_argument("--adapter", metavar="DIR", help="write a LoRA run's adapter here in peft's layout")
+    p.add_argument("--to", help="write the model here in the Hugging Face layout (an adapter run: adapter merged)")
+    p.add_argument("--merged", action="store_true", help="with --to: insist the run is an adapter run and merge it")
+    p.add_argument("--adapter", metavar="DIR", help="write an adapter run's adapter (LoRA, IA3) here in peft's layout")
     p.add_argument("--checkpoint", choices=("latest", "best"), default=None, help="default: what results.json kept")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
@@ -19,7 +19,7 @@ def run(ns) -> int:
     which, overwrite = getattr(ns, "checkpoint", None), getattr(ns, "overwrite", False)
     to, adapter = getattr(ns, "to", None), getattr(ns, "adapter", None)
     if to is None and adapter is None:
-        raise TinygraftError("export needs --to DIR (the model, LoRA merged) or --adapter DIR (a LoRA run's adapter)")
+        raise TinygraftError("export needs --to DIR (the model, adapters merged) or --adapter DIR (an adapter's files)")
     if to is not None:
         done = export_run(ns.run, to, which, overwrite, merged=getattr(ns, "merged", False))
         print(
@@ -30,7 +30,7 @@ def run(ns) -> int:
     if adapter is not None:
         done = export_adapter(ns.run, adapter, which, overwrite)
         print(
-            f"exported the LoRA adapter of {done['checkpoint']} ({done['params']:,} parameters, base "
+            f"exported the {done['method']} adapter of {done['checkpoint']} ({done['params']:,} parameters, base "
             f"{done['base']}) to {done['to']} in peft's layout"
         )
         for note in done["notes"]:

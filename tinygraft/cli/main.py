@@ -9,7 +9,7 @@
     eval       validation loss and perplexity of a checkpoint
     info       what a run, a checkpoint, a Hugging Face directory or `minilm` holds
     embed      sentence embeddings from a pretrained model or a run
-    export     a run in the Hugging Face layout (LoRA merged), or a LoRA run's adapter in peft's layout
+    export     a run in the Hugging Face layout (adapters merged), or an adapter run's adapter in peft's layout
 
 Every bad input becomes a `TinygraftError`, printed as `error: <one sentence>` with exit code 2 and no traceback;
 any other exception is a bug and keeps its traceback. Ctrl-C during training saves a checkpoint and exits 130.

@@ -66,14 +66,14 @@ def export_run(
     _check_not_source(run, which, to)
     if merged and not is_adapter_checkpoint(_step_dir(run, which)):
         raise TinygraftError(
-            f"{str(run)!r} is not a LoRA run, so there is no adapter to merge; export it without --merged"
+            f"{str(run)!r} is not an adapter run, so there is no adapter to merge; export it without --merged"
         )
     loaded = _run(run, which)
     model, notes = loaded.model, list(loaded.notes)
     adapted = next(adapter_layers(model), None) is not None
     if adapted:
         model = unload(model, merge=True)
-        notes.append("LoRA adapters merged into the base weights")
+        notes.append(f"{loaded.method.label} adapters merged into the base weights")
     if loaded.kind == "finetune":
         notes.append(f"task head {type(model.head).__name__} left out (the Hugging Face layout has no place for it)")
         model = model.backbone
@@ -95,12 +95,12 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
     _check_not_source(run, which, to)
     if not is_adapter_checkpoint(_step_dir(run, which)):
         raise TinygraftError(
-            f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
+            f"{str(run)!r} is not an adapter run, so it has no adapter to export; export the model with --to DIR"
         )
     loaded = _run(run, which)
     if not isinstance(loaded.method, AdapterMethod) or next(adapter_layers(loaded.model), None) is None:
         raise TinygraftError(
-            f"{str(run)!r} is not a LoRA run, so it has no adapter to export; export the model with --to DIR"
+            f"{str(run)!r} is not an adapter run, so it has no adapter to export; export the model with --to DIR"
         )
     model, notes, head = loaded.model, list(loaded.notes), None
     if loaded.kind == "finetune":
@@ -126,6 +126,7 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
             "load the adapter onto that"
         )
     return {
+        "method": loaded.method.label,
         "checkpoint": str(loaded.ckpt.path),
         "to": str(to),
         "base": base,

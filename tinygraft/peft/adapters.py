@@ -100,17 +100,20 @@ class AdapterLayer(nn.Module):
         if name is None or name in self.merged_adapters:
             return
         self._known(name)
-        w = self.base.weight
-        delta = self.delta_weight(name)
-        w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
+        self._fold(name, undo=False)
         self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        w = self.base.weight
         while self.merged_adapters:
-            delta = self.delta_weight(self.merged_adapters.pop())
-            w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
+            self._fold(self.merged_adapters.pop(), undo=True)
+
+    def _fold(self, name: str, undo: bool) -> None:
+        """Add the adapter's `delta_weight` to the base weight (subtract it, `undo`); a method whose update is not
+        additive (IA3 scales) overrides this."""
+        w = self.base.weight
+        delta = self.delta_weight(name)
+        w.copy_((w.to(delta.dtype) + (-delta if undo else delta)).to(w.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- targets

@@ -1,8 +1,11 @@
-"""LoRA adapters in peft's file layout, so adapters move both ways between tinygraft and `peft`.
+"""LoRA and IA3 adapters in peft's file layout, so adapters move both ways between tinygraft and `peft`.
 
     DIR/adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
     DIR/adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
                                     base_model.model.<module path>.lora_B.weight  (out, r)
+
+    IA3: {"peft_type": "IA3", "target_modules": [...], "feedforward_modules": [...], ...}
+                                    base_model.model.<module path>.ia3_l  (out, 1), or (1, in) feed-forward
 
 peft's keys are its module paths inside `PeftModel(base)` (hence the `base_model.model.` prefix) with the adapter
 name dropped. A task model's adapter (a fine-tuned classifier, tagger or reader) also names its `task_type` and
@@ -24,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
-from tinygraft.peft.adapters import DEFAULT_ADAPTER, candidates
+from tinygraft.peft.adapters import DEFAULT_ADAPTER, adapter_state_dict, candidates, load_adapter_state_dict
+from tinygraft.peft.ia3 import add_ia3, ia3_layers, ia3_settings
 from tinygraft.peft.lora import add_lora, load_lora_state_dict, lora_layers, lora_settings, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,6 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 # peft config keys whose non-default values change the math; we refuse those rather than compute something else.
+IA3_UNSUPPORTED = {"modules_to_save": None, "exclude_modules": None}
 UNSUPPORTED = {
     "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
     "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "lora_bias": False, "use_qalora": False,
@@ -48,8 +53,29 @@ def _compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
     return leaves if picked == set(paths) else sorted(paths)
 
 
+def _is_ia3(model: nn.Module, adapter_name: str | None) -> bool:
+    return any(layer.adapter_in(adapter_name) is not None for _, layer in ia3_layers(model))
+
+
+def _ia3_config(model: nn.Module, adapter_name: str, base_model_name_or_path) -> dict:
+    s = ia3_settings(model, adapter_name)
+    return {
+        "peft_type": "IA3",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "target_modules": _compact_targets(model, s["paths"]),
+        "feedforward_modules": _compact_targets(model, s["feedforward"]) if s["feedforward"] else [],
+        "fan_in_fan_out": s["fan_in_fan_out"],
+        "init_ia3_weights": True,
+        "modules_to_save": None,
+    }
+
+
 def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None) -> dict:
     """The adapter_config.json peft writes for this adapter (the fields it reads; the rest take peft's defaults)."""
+    if _is_ia3(model, adapter_name):
+        return _ia3_config(model, adapter_name, base_model_name_or_path)
     s = lora_settings(model, adapter_name)
     return {
         "peft_type": "LORA",
@@ -94,7 +120,7 @@ def save_adapter(
     directory = Path(directory)
     config = adapter_config(model, adapter_name, base_model_name_or_path)
     prefix = PEFT_PREFIX + (head.backbone_prefix if head else "")
-    tensors = {prefix + k: v.contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    tensors = {prefix + k: v.contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
     if head is not None:
         config["task_type"] = head.task_type
         config["modules_to_save"] = sorted({name.split(".")[0] for name in head.tensors})
@@ -120,8 +146,17 @@ def read_adapter_config(directory) -> dict:
             f"no {CONFIG_NAME} in {directory}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     config = read_json(path, "adapter config")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise TinygraftError(f"{path} holds a {config['peft_type']} adapter; tinygraft loads LoRA adapters only")
+    kind = config.get("peft_type", "LORA")
+    if kind not in ("LORA", "IA3"):
+        raise TinygraftError(f"{path} holds a {kind} adapter; tinygraft loads LoRA and IA3 adapters")
+    if kind == "IA3":
+        for key, default in IA3_UNSUPPORTED.items():
+            if config.get(key, default) != default and config.get(key) not in (None, [], {}):
+                raise TinygraftError(f"{path} sets {key}={config[key]!r}, which tinygraft's IA3 does not implement")
+        for key in ("target_modules", "feedforward_modules"):
+            if key not in config:
+                raise TinygraftError(f"{path} has no {key!r}")
+        return config
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, [], False):
             raise TinygraftError(f"{path} sets {key}={config[key]!r}, which tinygraft's LoRA does not implement")
@@ -146,6 +181,14 @@ def load_adapter(
     if bad:
         raise TinygraftError(f"{weights} key {bad[0]!r} does not start with {PEFT_PREFIX!r}; not a peft LoRA file")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+    if config.get("peft_type") == "IA3":
+        if not any(adapter_name in layer.settings for _, layer in ia3_layers(model)):
+            targets, feedforward = (c if isinstance(c, str) else list(c) for c in
+                                    (config["target_modules"], config["feedforward_modules"]))  # fmt: skip
+            add_ia3(model, targets, feedforward, adapter_name, freeze_base)
+        dtype_of = {k: v.dtype for k, v in adapter_state_dict(model, adapter_name).items()}
+        load_adapter_state_dict(model, {k: v.to(dtype_of.get(k, v.dtype)) for k, v in state.items()}, adapter_name)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
     has_it = any(adapter_name in layer.settings for _, layer in lora_layers(model))
     if not has_it:
         targets = config["target_modules"]

@@ -257,9 +257,9 @@ def test_export_refuses_what_it_cannot_do(trained, tmp_path):
         export_adapter(trained.out, trained.out)
 
     run_lora(trained.job.method.base, tmp_path / "full", cfg(steps=1), Full())
-    with pytest.raises(TinygraftError, match="is not a LoRA run, so there is no adapter to merge"):
+    with pytest.raises(TinygraftError, match="is not an adapter run, so there is no adapter to merge"):
         export_run(tmp_path / "full", tmp_path / "hf", merged=True)
-    with pytest.raises(TinygraftError, match="is not a LoRA run, so it has no adapter"):
+    with pytest.raises(TinygraftError, match="is not an adapter run, so it has no adapter"):
         export_adapter(tmp_path / "full", tmp_path / "adapter")
 
 

@@ -13,6 +13,7 @@ from tinygraft.errors import TinygraftError
 from tinygraft.train.methods.adapter import AdapterMethod
 from tinygraft.train.methods.base import Method, tied_aliases, trainable_summary
 from tinygraft.train.methods.freezing import Full, GradualUnfreeze, LinearProbe, TopK, units
+from tinygraft.train.methods.ia3 import IA3Method
 from tinygraft.train.methods.lora import LoRAMethod
 
 METHODS: dict[str, type[Method]] = {}
@@ -85,6 +86,7 @@ register(LinearProbe)
 register(TopK)
 register(GradualUnfreeze)
 register(LoRAMethod)
+register(IA3Method)
 
 __all__ = [
     "METHODS",
