@@ -80,17 +80,17 @@ if [ "$DRY" = 1 ]; then
 else
     # Compiled kernels: conftest.py leaves TRITON_INTERPRET unset where CUDA is; the compile check's own tests
     # need no GPU (CI runs them).
-    stage tests 75 env -u TRITON_INTERPRET "$PY" -m pytest -p no:cacheprovider -q tests/kernels \
+    stage tests 60 env -u TRITON_INTERPRET "$PY" -m pytest -p no:cacheprovider -q tests/kernels \
         --ignore=tests/kernels/test_compile_check.py --junitxml="$RESULTS/kernel-tests.xml"
-    stage attention 75 "$PY" -m bench.attention --seq 1024,4096,16384 --dims 64,128 --budget-s 0.2
+    stage attention 70 "$PY" -m bench.attention --seq 1024,4096,16384 --dims 64,128 --budget-s 0.2
     stage lora 50 "$PY" -m bench.lora --budget-s 0.3
     stage adamw 30 "$PY" -m bench.adamw --repeats 20
     stage train:eager 50 "$PY" -m bench.train_throughput --preset gpt2 --seq 1024 --rounds 2 --budget 1.0
-    stage train:compile 60 "$PY" -m bench.train_throughput --preset gpt2 --seq 1024 --rounds 2 --budget 1.0 --compile
+    stage train:compile 50 "$PY" -m bench.train_throughput --preset gpt2 --seq 1024 --rounds 2 --budget 1.0 --compile
 fi
-for extra in kd_loss peft ddp_scaling; do  # written by later issues; each takes --quick for toy shapes
+for extra in kd_loss peft ddp_scaling; do  # written by later issues; each takes --quick and --budget-s
     if [ -f "bench/$extra.py" ]; then
-        stage extras:$extra 30 "$PY" -m "bench.$extra" $([ "$DRY" = 1 ] && echo --quick)
+        stage extras:$extra 45 "$PY" -m "bench.$extra" $([ "$DRY" = 1 ] && echo --quick --budget-s 0.05)
     elif [ -z "$ONLY" ] || [ "$ONLY" = extras ]; then
         echo "== extras:$extra: bench/$extra.py does not exist yet"
     fi

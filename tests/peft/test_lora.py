@@ -277,9 +277,9 @@ def test_peft_adapter_loads_here(build, targets, tmp_path):
 
 
 def test_adapter_config_features_we_do_not_compute_are_refused(tmp_path):
-    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["query"], use_dora=True))
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["query"], bias="all"))
     theirs.save_pretrained(tmp_path)
-    with pytest.raises(TinygraftError, match="use_dora=True"):
+    with pytest.raises(TinygraftError, match="bias='all'"):
         read_adapter_config(tmp_path)
     with pytest.raises(TinygraftError, match="no adapter_config.json"):
         load_adapter(tiny_bert(), tmp_path / "missing")

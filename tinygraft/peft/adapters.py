@@ -209,9 +209,14 @@ def adapter_layers(model: nn.Module, kind: type[AdapterLayer] = AdapterLayer) ->
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make `name` the active adapter in every adapter layer (None: run the base model alone)."""
-    for _, layer in adapter_layers(model):
-        layer.set_adapter(name)
+    """Make `name` the active adapter in every layer that has it, and every other adapter layer inactive (None: run
+    the base model alone). Adapters of several methods may sit on one base, each on its own layers."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    if name is not None and not any(name in layer.settings for layer in layers):
+        known = sorted({n for layer in layers for n in layer.settings})
+        raise TinygraftError(f"the model has no adapter named {name!r} (its adapters: {', '.join(known) or 'none'})")
+    for layer in layers:
+        layer.set_adapter(name if name in layer.settings else None)
 
 
 @contextlib.contextmanager
@@ -253,6 +258,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         replace(model, path, layer.base)
     return model
+
+
+def train_only(model: nn.Module, name: str, freeze_base: bool = True) -> int:
+    """After an `add_*`: everything frozen (unless `freeze_base=False`) but adapter `name`; the trainable count."""
+    if freeze_base:
+        model.requires_grad_(False)
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(True)
+    return count_trainable(model)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -6,12 +6,16 @@
 
     IA3: {"peft_type": "IA3", "target_modules": [...], "feedforward_modules": [...], ...}
                                     base_model.model.<module path>.ia3_l  (out, 1), or (1, in) feed-forward
+    bottleneck adapters, ours (peft has none): {"peft_type": "BOTTLENECK", "variant": "houlsby", "reduction": 16,
+                                    "non_linearity": "relu", "target_modules": [...]}
+                                    base_model.model.<module path>.adapter_down.weight (hidden/reduction, hidden)
+                                    ... .adapter_down.bias, .adapter_up.weight (hidden, hidden/reduction), .bias
 
 peft's keys are its module paths inside `PeftModel(base)` (hence the `base_model.model.` prefix) with the adapter
 name dropped. A task model's adapter (a fine-tuned classifier, tagger or reader) also names its `task_type` and
 carries the head as `modules_to_save` (`base_model.model.classifier.weight`, ...), the backbone's keys then sitting
 under the task model's prefix (`base_model.model.bert.`). A peft config that asks for something this LoRA does not
-compute (DoRA, per-layer ranks, trained biases, extra full modules, ...) is refused by name rather than loaded into
+compute (per-layer ranks, trained biases, extra full modules, ...) is refused by name rather than loaded into
 the wrong math.
 """
 
@@ -28,17 +32,19 @@ from safetensors.torch import load_file, save_file
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
 from tinygraft.peft.adapters import DEFAULT_ADAPTER, adapter_state_dict, candidates, load_adapter_state_dict
+from tinygraft.peft.bottleneck import add_bottleneck, bottleneck_layers, bottleneck_settings
 from tinygraft.peft.ia3 import add_ia3, ia3_layers, ia3_settings
 from tinygraft.peft.lora import add_lora, load_lora_state_dict, lora_layers, lora_settings, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
+BOTTLENECK = "BOTTLENECK"  # our peft_type for bottleneck adapters
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 # peft config keys whose non-default values change the math; we refuse those rather than compute something else.
 IA3_UNSUPPORTED = {"modules_to_save": None, "exclude_modules": None}
 UNSUPPORTED = {
-    "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+    "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
     "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "lora_bias": False, "use_qalora": False,
     "target_parameters": None, "trainable_token_indices": None, "exclude_modules": None,
     "alora_invocation_tokens": None,
@@ -72,8 +78,23 @@ def _ia3_config(model: nn.Module, adapter_name: str, base_model_name_or_path) ->
     }
 
 
+def _bottleneck_config(model: nn.Module, adapter_name: str, base_model_name_or_path) -> dict:
+    s = bottleneck_settings(model, adapter_name)
+    return {
+        "peft_type": BOTTLENECK,
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "variant": s["variant"],
+        "reduction": s["reduction"],
+        "non_linearity": s["act"],
+        "target_modules": _compact_targets(model, s["paths"]),
+    }
+
+
 def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None) -> dict:
     """The adapter_config.json peft writes for this adapter (the fields it reads; the rest take peft's defaults)."""
+    if any(layer.adapter_in(adapter_name) is not None for _, layer in bottleneck_layers(model)):
+        return _bottleneck_config(model, adapter_name, base_model_name_or_path)
     if _is_ia3(model, adapter_name):
         return _ia3_config(model, adapter_name, base_model_name_or_path)
     s = lora_settings(model, adapter_name)
@@ -91,7 +112,7 @@ def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_m
         "bias": "none",
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": s["use_dora"],
     }
 
 
@@ -147,8 +168,13 @@ def read_adapter_config(directory) -> dict:
         )
     config = read_json(path, "adapter config")
     kind = config.get("peft_type", "LORA")
-    if kind not in ("LORA", "IA3"):
-        raise TinygraftError(f"{path} holds a {kind} adapter; tinygraft loads LoRA and IA3 adapters")
+    if kind not in ("LORA", "IA3", BOTTLENECK):
+        raise TinygraftError(f"{path} holds a {kind} adapter; tinygraft loads LoRA, IA3 and bottleneck adapters")
+    if kind == BOTTLENECK:
+        for key in ("variant", "reduction", "non_linearity", "target_modules"):
+            if key not in config:
+                raise TinygraftError(f"{path} has no {key!r}")
+        return config
     if kind == "IA3":
         for key, default in IA3_UNSUPPORTED.items():
             if config.get(key, default) != default and config.get(key) not in (None, [], {}):
@@ -181,11 +207,17 @@ def load_adapter(
     if bad:
         raise TinygraftError(f"{weights} key {bad[0]!r} does not start with {PEFT_PREFIX!r}; not a peft LoRA file")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
-    if config.get("peft_type") == "IA3":
-        if not any(adapter_name in layer.settings for _, layer in ia3_layers(model)):
-            targets, feedforward = (c if isinstance(c, str) else list(c) for c in
-                                    (config["target_modules"], config["feedforward_modules"]))  # fmt: skip
-            add_ia3(model, targets, feedforward, adapter_name, freeze_base)
+    kind = config.get("peft_type")
+    if kind in ("IA3", BOTTLENECK):
+        targets = (
+            config["target_modules"] if isinstance(config["target_modules"], str) else list(config["target_modules"])
+        )
+        if kind == BOTTLENECK and not any(adapter_name in layer.settings for _, layer in bottleneck_layers(model)):
+            add_bottleneck(model, config["variant"], targets, int(config["reduction"]), config["non_linearity"],
+                           adapter_name, freeze_base)  # fmt: skip
+        if kind == "IA3" and not any(adapter_name in layer.settings for _, layer in ia3_layers(model)):
+            ff = config["feedforward_modules"]
+            add_ia3(model, targets, ff if isinstance(ff, str) else list(ff), adapter_name, freeze_base)
         dtype_of = {k: v.dtype for k, v in adapter_state_dict(model, adapter_name).items()}
         load_adapter_state_dict(model, {k: v.to(dtype_of.get(k, v.dtype)) for k, v in state.items()}, adapter_name)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -199,6 +231,7 @@ def load_adapter(
             alpha=float(config.get("lora_alpha", 8)),
             dropout=float(config.get("lora_dropout", 0.0)),
             use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
             adapter_name=adapter_name,
             freeze_base=freeze_base,
             fused=fused,

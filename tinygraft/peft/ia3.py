@@ -164,11 +164,7 @@ def add_ia3(
                                  "; another adapter on it must do the same")  # fmt: skip
         module.add_adapter(adapter_name, config)
         module.set_adapter(adapter_name)
-    if freeze_base:
-        model.requires_grad_(False)
-    for p in adapters.adapter_parameters(model, adapter_name):
-        p.requires_grad_(True)
-    return adapters.count_trainable(model)
+    return adapters.train_only(model, adapter_name, freeze_base)
 
 
 def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:

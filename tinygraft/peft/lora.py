@@ -3,6 +3,13 @@
     y = base(x) + (alpha / r) * B(A(dropout(x)))        Hu et al. 2021 (LoRA); rsLoRA scales by alpha / sqrt(r)
                                                          (Kalajdzievski 2023, "A rank stabilization scaling factor")
 
+DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"; `use_dora=True`) splits the updated weight into a
+learned magnitude m per output and a direction:  y = m / ||W + s B A|| * (W x + s B A dropout(x)) + b, the row norm
+||.|| taken along the inputs and detached from the graph (the paper's section 4.3, as peft does), m starting at ||W||
+so the model starts unchanged. The bracket is the fused LoRA kernel's output without its bias. peft, with dropout on
+in training, computes W x + (m/n - 1) W dropout(x) + m/n s B A dropout(x) instead (a second base matmul); without
+dropout, and in eval mode, the two are the same function.
+
 The base layer (an `nn.Linear`, or a GPT-2 style `Conv1D` that stores its weight as (in, out)) stays frozen; A is
 (r, in), Kaiming-uniform as in peft, and B is (out, r), zero, so a wrapped model starts out computing exactly what
 it computed before. Several named adapters may live in one layer (`lora_A["default"]`, `lora_A["french"]`, ...);
@@ -49,6 +56,9 @@ class LoRAConfig:
         flag="lora-targets",
     )
     use_rslora: bool = setting(False, "rank-stabilised scaling alpha / sqrt(r) (rsLoRA)", flag="lora-rslora")
+    use_dora: bool = setting(
+        False, "DoRA: a learned magnitude per output over the LoRA-updated direction", flag="lora-dora"
+    )
 
     @property
     def scaling(self) -> float:
@@ -83,6 +93,7 @@ class LoRALinear(AdapterLayer):
         use_rslora: bool = False,
         adapter_name: str = DEFAULT_ADAPTER,
         fused: bool = True,
+        use_dora: bool = False,
     ):
         if not is_linear_like(base):
             raise TinygraftError(f"LoRALinear wraps nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
@@ -91,8 +102,10 @@ class LoRALinear(AdapterLayer):
         self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
         self.lora_A = nn.ModuleDict()  # adapter name -> nn.Linear(in, r), weight (r, in)
         self.lora_B = nn.ModuleDict()  # adapter name -> nn.Linear(r, out), weight (out, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: name -> m (out,)
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm a merge divided by, to undo it exactly
         self.fused = fused
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora=use_dora)
         self.active_adapter = adapter_name
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, **kw):
@@ -107,12 +120,26 @@ class LoRALinear(AdapterLayer):
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as peft (and nn.Linear) do
         nn.init.zeros_(self.lora_B[name].weight)  # the update starts at zero
+        if config.use_dora:  # m = ||W|| per output row: with B = 0 the layer starts as the base
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(w.dtype))
 
     def _forget(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        tensors = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    @torch.no_grad()
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """||W + s B A|| per output row, in fp32 (fp64 for a fp64 base), outside the graph."""
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
+        a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+        return torch.linalg.vector_norm(self.base_weight().to(dtype) + self.settings[name].scaling * (b @ a), dim=1)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view (transposed for Conv1D)."""
@@ -124,12 +151,39 @@ class LoRALinear(AdapterLayer):
             return self.base(x)
         A, B, cfg = self.lora_A[name], self.lora_B[name], self.settings[name]
         p = cfg.dropout if self.training else 0.0
+        bias = self.base.bias
+        if cfg.use_dora:  # the bias is added after the magnitude scales the rest
+            scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
         if not self.fused:
+            if cfg.use_dora:
+                y = F.linear(x, self.base_weight()) + cfg.scaling * B(A(F.dropout(x, p)))
+                y = y * scale.to(y.dtype)
+                return y if bias is None else y + bias.to(y.dtype)
             return self.base(x) + cfg.scaling * B(A(F.dropout(x, p)))
         # The same math in one kernel pass: the r-wide update shares the base GEMM's output tiles.
         w = self.base_weight()
         a, b = (t.weight if t.weight.dtype == w.dtype else t.weight.to(w.dtype) for t in (A, B))
-        return lora_linear(x, w, self.base.bias, a, b, cfg.scaling, p)
+        if not cfg.use_dora:
+            return lora_linear(x, w, bias, a, b, cfg.scaling, p)
+        y = lora_linear(x, w, None, a, b, cfg.scaling, p)
+        y = y * scale.to(y.dtype)  # y's dtype: autocast's, when it is on
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _fold(self, name: str, undo: bool) -> None:
+        """LoRA adds s B A; DoRA's merged weight is m / ||W + s B A|| * (W + s B A), undone with the same norm."""
+        if not self.settings[name].use_dora:
+            return super()._fold(name, undo)
+        w = self.base.weight
+        delta = self.delta_weight(name)  # shaped like base.weight
+        rows = (lambda t: t[None, :]) if self.fan_in_fan_out else (lambda t: t[:, None])  # noqa: E731
+        if undo:
+            factor = self.lora_magnitude_vector[name].detach().to(delta.dtype) / self._merged_norms.pop(name)
+            w.copy_((w.to(delta.dtype) / rows(factor) - delta).to(w.dtype))
+            return
+        norm = self.weight_norm(name)
+        self._merged_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].detach().to(delta.dtype) / norm
+        w.copy_(((w.to(delta.dtype) + delta) * rows(factor)).to(w.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32 (fp64 for a fp64 base), shaped like base.weight ((in, out) for Conv1D)."""
@@ -157,18 +211,20 @@ def add_lora(
     adapter_name: str = DEFAULT_ADAPTER,
     freeze_base: bool = True,
     fused: bool = True,
+    use_dora: bool = False,
 ) -> int:
     """Wrap the targeted linear layers of `model` in place (a layer wrapped before gains the new adapter), make
     `adapter_name` active, freeze every other parameter unless `freeze_base=False`; returns the trainable count.
     `targets` follows peft's rules (peft/adapters.py: match_targets)."""
-    config = LoRAConfig(r, alpha, dropout, _targets_text(targets), use_rslora)  # validates before any surgery
+    config = LoRAConfig(r, alpha, dropout, _targets_text(targets), use_rslora, use_dora)  # validated before surgery
     for path in adapters.match_targets(model, targets, "LoRA"):
         module = model.get_submodule(path)
         if isinstance(module, LoRALinear):
             module.add(adapter_name, config)
             module.set_adapter(adapter_name)
             continue
-        wrapper = LoRALinear(module, config.r, config.alpha, config.dropout, use_rslora, adapter_name, fused)
+        wrapper = LoRALinear(module, config.r, config.alpha, config.dropout, use_rslora, adapter_name, fused,
+                             use_dora=use_dora)  # fmt: skip
         wrapper.settings[adapter_name] = config
         adapters.replace(model, path, wrapper)
     if freeze_base:
@@ -181,7 +237,8 @@ def add_lora(
 def add_lora_config(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER, **kw) -> int:
     """`add_lora` from a LoRAConfig (what a run's config.json holds)."""
     targets = adapters.parse_targets(config.targets)
-    return add_lora(model, targets, config.r, config.alpha, config.dropout, config.use_rslora, adapter_name, **kw)
+    return add_lora(model, targets, config.r, config.alpha, config.dropout, config.use_rslora, adapter_name,
+                    use_dora=config.use_dora, **kw)  # fmt: skip
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -12,9 +12,10 @@ from tinygraft.core.config import flag_name, settings_of
 from tinygraft.errors import TinygraftError
 from tinygraft.train.methods.adapter import AdapterMethod
 from tinygraft.train.methods.base import Method, tied_aliases, trainable_summary
+from tinygraft.train.methods.bottleneck import Houlsby, Pfeiffer
 from tinygraft.train.methods.freezing import Full, GradualUnfreeze, LinearProbe, TopK, units
 from tinygraft.train.methods.ia3 import IA3Method
-from tinygraft.train.methods.lora import LoRAMethod
+from tinygraft.train.methods.lora import DoRAMethod, LoRAMethod
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -86,7 +87,10 @@ register(LinearProbe)
 register(TopK)
 register(GradualUnfreeze)
 register(LoRAMethod)
+register(DoRAMethod)
 register(IA3Method)
+register(Houlsby)
+register(Pfeiffer)
 
 __all__ = [
     "METHODS",

@@ -1,4 +1,5 @@
-"""`--method lora`: low-rank adapters (peft/lora.py) on the backbone's linear layers, the base frozen.
+"""`--method lora` and `--method dora`: low-rank adapters (peft/lora.py) on the backbone's linear layers, the base
+frozen; DoRA with a learned magnitude per output over LoRA's updated direction.
 
 Its settings are peft's LoRAConfig (--lora-r, --lora-alpha, --lora-dropout, --lora-targets, --lora-rslora); its
 checkpoints hold the adapter (+ a TaskModel's head), adapter_config.json in peft's layout and base.json
@@ -39,6 +40,7 @@ class LoRAMethod(AdapterMethod):
             float(c["lora_dropout"]),
             targets if isinstance(targets, str) else ",".join(targets),
             bool(c.get("use_rslora", False)),
+            bool(c.get("use_dora", False)),
         )
 
     def add(self, root: nn.Module) -> None:
@@ -49,3 +51,18 @@ class LoRAMethod(AdapterMethod):
 
     def describe(self) -> dict:
         return {**super().describe(), "scaling": self.settings.scaling}
+
+
+class DoRAMethod(LoRAMethod):
+    """DoRA: LoRA's update as a direction, with a learned magnitude per output (the LoRA flags apply)."""
+
+    name = "dora"
+    label = "DoRA"
+    summary = "LoRA with a learned magnitude per output over the updated direction (--lora-*), the base frozen"
+    # Liu et al. 2024 train DoRA at LoRA's rates (their commonsense runs: LoRA's 2e-4 .. 3e-4 at larger scale)
+    default_lr = 1e-3
+    from_lr = 1e-3
+
+    @classmethod
+    def settings_from_name(cls, name: str) -> dict | None:
+        return {"use_dora": True} if name == cls.name else None
