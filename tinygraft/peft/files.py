@@ -20,6 +20,7 @@ the wrong math.
 """
 
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -110,10 +111,27 @@ def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_m
         "target_modules": _compact_targets(model, s["paths"]),
         "fan_in_fan_out": s["fan_in_fan_out"],
         "bias": "none",
-        "init_lora_weights": True,
+        "init_lora_weights": "pissa" if s["lora_init"] == "pissa" else True,
         "modules_to_save": None,
         "use_dora": s["use_dora"],
     }
+
+
+def _pissa_as_plain_lora(model: nn.Module, adapter_name: str, config: dict, state: dict) -> tuple[dict, dict]:
+    """A PiSSA adapter as a plain LoRA adapter of rank 2r over the original, unchanged base (as peft converts it):
+    the trained update over the base's residual, s B A + (W - s B0 A0) - W, is s [B, -B0] [A; A0]."""
+    state = dict(state)
+    for path, layer in lora_layers(model):
+        name = layer.adapter_in(adapter_name)
+        if name is None or name not in layer.pissa_A0:
+            continue
+        a, b = state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"]
+        state[f"{path}.lora_A.weight"] = torch.cat([a, layer.pissa_A0[name].to(a.dtype)], dim=0)
+        state[f"{path}.lora_B.weight"] = torch.cat([b, -layer.pissa_B0[name].to(b.dtype)], dim=1)
+    r, alpha = config["r"], float(config["lora_alpha"])
+    alpha2 = alpha * math.sqrt(2) if config["use_rslora"] else 2 * alpha  # the same scaling at rank 2r
+    return {**config, "r": 2 * r, "lora_alpha": int(alpha2) if alpha2.is_integer() else alpha2,
+            "init_lora_weights": True}, state  # fmt: skip
 
 
 @dataclass
@@ -141,7 +159,10 @@ def save_adapter(
     directory = Path(directory)
     config = adapter_config(model, adapter_name, base_model_name_or_path)
     prefix = PEFT_PREFIX + (head.backbone_prefix if head else "")
-    tensors = {prefix + k: v.contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    state = adapter_state_dict(model, adapter_name)
+    if config.get("init_lora_weights") == "pissa":
+        config, state = _pissa_as_plain_lora(model, adapter_name, config, state)
+    tensors = {prefix + k: v.contiguous() for k, v in state.items()}
     if head is not None:
         config["task_type"] = head.task_type
         config["modules_to_save"] = sorted({name.split(".")[0] for name in head.tensors})
@@ -207,6 +228,12 @@ def load_adapter(
     if bad:
         raise TinygraftError(f"{weights} key {bad[0]!r} does not start with {PEFT_PREFIX!r}; not a peft LoRA file")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq")):  # they change the base
+        raise TinygraftError(
+            f"{directory} holds a LoRA adapter initialised with {init!r} and saved without converting it: it adapts "
+            "peft's residual base, not this one (save it in peft with path_initial_model_for_weight_conversion)"
+        )
     kind = config.get("peft_type")
     if kind in ("IA3", BOTTLENECK):
         targets = (

@@ -28,6 +28,7 @@ Typical use:
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,16 @@ class LoRAConfig:
     use_dora: bool = setting(
         False, "DoRA: a learned magnitude per output over the LoRA-updated direction", flag="lora-dora"
     )
+    lora_init: Literal["default", "pissa"] = setting(
+        "default",
+        "A and B at start: default (Kaiming A, zero B) or pissa (the principal singular vectors of W, the base "
+        "keeping the residual; exported as a rank-2r adapter of the original base)",
+        flag="lora-init",
+    )  # fmt: skip
+    lora_plus_ratio: float = setting(
+        1.0, "LoRA+: B learns at this multiple of A's learning rate (Hayou et al. 2024 use 16; 1 is plain LoRA)",
+        flag="lora-plus-ratio",
+    )  # fmt: skip
 
     @property
     def scaling(self) -> float:
@@ -71,6 +82,9 @@ class LoRAConfig:
             raise TinygraftError(f"LoRA dropout must be in [0, 1); got {self.dropout}")
         if not math.isfinite(self.alpha):
             raise TinygraftError(f"LoRA alpha must be a number; got {self.alpha}")
+        if not (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0):
+            raise TinygraftError(f"--lora-plus-ratio must be a positive number; got {self.lora_plus_ratio}")
+        object.__setattr__(self, "lora_plus_ratio", float(self.lora_plus_ratio))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
@@ -94,6 +108,7 @@ class LoRALinear(AdapterLayer):
         adapter_name: str = DEFAULT_ADAPTER,
         fused: bool = True,
         use_dora: bool = False,
+        lora_init: str = "default",
     ):
         if not is_linear_like(base):
             raise TinygraftError(f"LoRALinear wraps nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
@@ -103,9 +118,11 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()  # adapter name -> nn.Linear(in, r), weight (r, in)
         self.lora_B = nn.ModuleDict()  # adapter name -> nn.Linear(r, out), weight (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: name -> m (out,)
+        self.pissa_A0: dict[str, torch.Tensor] = {}  # PiSSA adapters: their starting A and B (not saved: the
+        self.pissa_B0: dict[str, torch.Tensor] = {}  # base's SVD gives them again)
         self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm a merge divided by, to undo it exactly
         self.fused = fused
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora=use_dora)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora=use_dora, lora_init=lora_init)
         self.active_adapter = adapter_name
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, **kw):
@@ -120,10 +137,34 @@ class LoRALinear(AdapterLayer):
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as peft (and nn.Linear) do
         nn.init.zeros_(self.lora_B[name].weight)  # the update starts at zero
-        if config.use_dora:  # m = ||W|| per output row: with B = 0 the layer starts as the base
+        if config.lora_init == "pissa":
+            self._pissa(name, config)
+        if config.use_dora:  # m = ||W + s B A|| per output row: the layer starts as the base
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(w.dtype))
 
+    @torch.no_grad()
+    def _pissa(self, name: str, config: LoRAConfig) -> None:
+        """PiSSA (Meng et al. 2024): B A = the rank-r principal part of W / s, the base keeping W - s B A, so the
+        layer starts as it was. The starting A0, B0 are kept: the update saved for peft is s (B A - B0 A0)."""
+        if self.pissa_A0:
+            raise TinygraftError("a layer takes one PiSSA adapter (its base holds that adapter's residual)")
+        w = self.base_weight()
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        U, S, Vh = torch.linalg.svd(w.to(dtype), full_matrices=False)
+        root = (S[: config.r] / config.scaling).sqrt()
+        a, b = root[:, None] * Vh[: config.r], U[:, : config.r] * root[None, :]
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        w.copy_((w.to(dtype) - config.scaling * (b @ a)).to(w.dtype))
+        self.pissa_A0[name] = self.lora_A[name].weight.detach().clone()
+        self.pissa_B0[name] = self.lora_B[name].weight.detach().clone()
+
     def _forget(self, name: str) -> None:
+        if name in self.pissa_A0:  # give the base its principal part back
+            with torch.no_grad():
+                w, s = self.base_weight(), self.settings[name].scaling
+                a0, b0 = self.pissa_A0.pop(name), self.pissa_B0.pop(name)
+                w.copy_((w.to(a0.dtype) + s * (b0 @ a0)).to(w.dtype))
         del self.lora_A[name], self.lora_B[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -212,11 +253,14 @@ def add_lora(
     freeze_base: bool = True,
     fused: bool = True,
     use_dora: bool = False,
+    lora_init: str = "default",
 ) -> int:
     """Wrap the targeted linear layers of `model` in place (a layer wrapped before gains the new adapter), make
     `adapter_name` active, freeze every other parameter unless `freeze_base=False`; returns the trainable count.
     `targets` follows peft's rules (peft/adapters.py: match_targets)."""
-    config = LoRAConfig(r, alpha, dropout, _targets_text(targets), use_rslora, use_dora)  # validated before surgery
+    config = LoRAConfig(r, alpha, dropout, _targets_text(targets), use_rslora, use_dora, lora_init)  # checked first
+    if config.use_dora and config.lora_init == "pissa":
+        raise TinygraftError("PiSSA initialises plain LoRA adapters; --lora-init pissa does not combine with DoRA")
     for path in adapters.match_targets(model, targets, "LoRA"):
         module = model.get_submodule(path)
         if isinstance(module, LoRALinear):
@@ -224,7 +268,7 @@ def add_lora(
             module.set_adapter(adapter_name)
             continue
         wrapper = LoRALinear(module, config.r, config.alpha, config.dropout, use_rslora, adapter_name, fused,
-                             use_dora=use_dora)  # fmt: skip
+                             use_dora=use_dora, lora_init=lora_init)  # fmt: skip
         wrapper.settings[adapter_name] = config
         adapters.replace(model, path, wrapper)
     if freeze_base:
@@ -238,7 +282,7 @@ def add_lora_config(model: nn.Module, config: LoRAConfig, adapter_name: str = DE
     """`add_lora` from a LoRAConfig (what a run's config.json holds)."""
     targets = adapters.parse_targets(config.targets)
     return add_lora(model, targets, config.r, config.alpha, config.dropout, config.use_rslora, adapter_name,
-                    use_dora=config.use_dora, **kw)  # fmt: skip
+                    use_dora=config.use_dora, lora_init=config.lora_init, **kw)  # fmt: skip
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -368,3 +368,19 @@ def test_cli_options_build_the_method():
         parse_targets("c_attn(")
     with pytest.raises(TinygraftError, match="rank r must be a positive integer"):
         settings("--lora-r", "0")
+
+
+def test_lora_plus_puts_b_in_its_own_faster_group(tmp_path):
+    torch.manual_seed(5)
+    BERT(BERT_CFG).save_pretrained(tmp_path / "bert")
+    method = lora(tmp_path / "bert", r=2, alpha=4, targets="query,value", lora_plus_ratio=16)
+    model = method.attach(tiny_bert_task(tmp_path / "bert"))
+    groups = method.param_groups(model)
+    assert [(g["name"], g["lr_scale"]) for g in groups] == [("lora", 1.0), ("lora_B", 16.0), ("head", 1.0)]
+    b = {id(layer.lora_B["default"].weight) for _, layer in lora_layers(model.backbone)}
+    assert {id(p) for p in groups[1]["params"]} == b and not b & {id(p) for p in groups[0]["params"]}
+    assert len(groups[0]["params"]) == len(b)  # the A matrices
+    plain = lora(tmp_path / "bert", targets="query")
+    assert [g["name"] for g in plain.param_groups(plain.attach(tiny_bert_task(tmp_path / "bert")))] == ["lora", "head"]
+    with pytest.raises(TinygraftError, match="--lora-plus-ratio must be a positive number"):
+        LoRAConfig(lora_plus_ratio=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
-from tinygraft.peft.lora import LoRAConfig, add_lora_config
+from tinygraft.peft.lora import LoRAConfig, add_lora_config, lora_layers
 from tinygraft.train.methods.adapter import AdapterMethod
 
 
@@ -41,6 +41,7 @@ class LoRAMethod(AdapterMethod):
             targets if isinstance(targets, str) else ",".join(targets),
             bool(c.get("use_rslora", False)),
             bool(c.get("use_dora", False)),
+            "pissa" if c.get("init_lora_weights") == "pissa" else "default",
         )
 
     def add(self, root: nn.Module) -> None:
@@ -48,6 +49,19 @@ class LoRAMethod(AdapterMethod):
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """LoRA+ (`--lora-plus-ratio` k): the B matrices in their own group at k times the rate of the rest."""
+        groups = super().param_groups(model)
+        ratio = self.settings.lora_plus_ratio
+        if ratio == 1.0:
+            return groups
+        b = {id(layer.lora_B[n].weight) for _, layer in lora_layers(self.root(model)) for n in layer.lora_B}
+        adapter = groups[0]
+        rest = [p for p in adapter["params"] if id(p) not in b]
+        b_params = [p for p in adapter["params"] if id(p) in b]
+        return [{**adapter, "params": rest}, {"params": b_params, "lr_scale": ratio, "name": f"{self.name}_B"},
+                *groups[1:]]  # fmt: skip
 
     def describe(self) -> dict:
         return {**super().describe(), "scaling": self.settings.scaling}
