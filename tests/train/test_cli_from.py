@@ -250,6 +250,7 @@ def test_lora_pretrain_saves_adapters_and_works_with_every_command(root, gpt_dir
         "trainable",
         f"base         {gpt_dir.resolve()}",
         "r 4, alpha 16.0",
+        "in the checkpoint, the base's",  # the adapter's file size beside the base's
     ):
         assert text in stdout, text
 

@@ -1,7 +1,8 @@
 """`tinygraft info PATH`: what PATH holds, whatever it is.
 
-a run, its checkpoints/ or a step dir   config, size, progress, last losses, backend, unused entries; for a LoRA
-                                        run also its settings, trainable count and base (path + sha256)
+a run, its checkpoints/ or a step dir   config, size, progress, last losses, backend, unused entries; for an
+                                        adapter run also its settings, trainable count, base (path + sha256) and
+                                        the adapter's file size beside the base's
 a fine-tuning run                       the same from its config (task, method, head, labels), without building
                                         the model
 a Hugging Face directory, or `minilm`   config, parameter count, heads, tokenizer, unused keys and tensors
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 
 from tinygraft.core import checkpoint
+from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
-from tinygraft.models.pretrained import describe_checkpoint, format_description
+from tinygraft.models import hf
+from tinygraft.models.pretrained import describe_checkpoint, format_description, locate
 from tinygraft.train import runs
 from tinygraft.train.config import flatten
 from tinygraft.train.methods.adapter import is_adapter_checkpoint, read_base_record
@@ -50,7 +53,29 @@ def _progress(ckpt: checkpoint.Checkpoint) -> dict:
         "backend": describe(),
         "checkpoints": [checkpoint.step_dir_name(s) for s in checkpoint.list_steps(ckpt.path.parent)],
         "stored_params": sum(t.numel() for t in ckpt.model.values()),  # what model.safetensors holds
+        "sizes": _sizes(ckpt.path),
     }
+
+
+def _sizes(step_dir: Path) -> dict | None:
+    """An adapter checkpoint's weights file beside its base's, in bytes (None: not an adapter run)."""
+    if not is_adapter_checkpoint(step_dir):
+        return None
+    record = read_base_record(step_dir)
+    base = None
+    if record.get("path"):
+        try:
+            base = sum(f.stat().st_size for f in hf.weight_files(locate(record["path"])))
+        except (OSError, TinygraftError):  # the base moved: say so where its path is shown
+            base = None
+    return {"adapter": (step_dir / checkpoint.MODEL_FILE).stat().st_size, "base": base}
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _pretrain_info(step_dir: Path) -> dict:
@@ -119,6 +144,10 @@ def format_info(d: dict) -> str:
             where = base["path"] or "none: built from the config, kept whole in each checkpoint"
             sha = f" (sha256 {base['sha256'][:16]}...)" if base.get("sha256") else ""
             lines.append(f"base         {where}{sha}")
+    sizes = d.get("sizes")
+    if sizes:
+        base = f", the base's {_bytes(sizes['base'])}" if sizes["base"] else ""
+        lines.append(f"weights      {_bytes(sizes['adapter'])} in the checkpoint{base}")
     if d["method_settings"]:
         lines.append("settings     " + ", ".join(f"{k} {v}" for k, v in d["method_settings"].items() if k != "base"))
     lines.append(f"tokens seen  {d['tokens_seen']:,}" if d["tokens_seen"] is not None else "tokens seen  unknown")

@@ -51,6 +51,9 @@ def test_cli_pretrains_samples_exports_and_refuses_to_merge(tmp_path, capsys):
     assert "exported the Houlsby adapter" in capsys.readouterr().out
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["variant"], config["reduction"], config["non_linearity"]) == ("houlsby", 4, "gelu")
+    assert main(["info", str(run)]) == 0
+    weights = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("weights"))
+    assert weights.endswith(" in the checkpoint")  # built from a preset: no base file to set it beside
     assert main(["export", str(run), "--merged", "--to", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err
     assert "do not merge into the base weights" in err and len(err.strip().splitlines()) == 1
