@@ -66,7 +66,8 @@ class KVCache:
 
     Preallocated as (B, H, max_len, D) per layer; `length` counts the cached positions. Each layer writes its new
     keys/values at [length, length + T) and attends over [0, length + T); the model advances `length` once per
-    forward, after the last layer.
+    forward, after the last layer. A prefix-tuning prefix is cached like tokens; `prefix` says how many of the first
+    slots it holds (slots that take no positions unless the adapter numbers the real tokens after it).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
@@ -75,6 +76,7 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0
+        self.prefix = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -95,13 +97,18 @@ def multi_head_attention(
     dropout_p: float = 0.0,
     kv_cache: KVCache | None = None,
     layer: int = 0,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, T, C) queries, keys, values -> (B, T, C) attention output, heads merged, before the output projection."""
+    """(B, T, C) queries, keys, values -> (B, T, C) attention output, heads merged, before the output projection.
+    `prefix`: (B, H, N, D) keys and values put before this layer's own (prefix tuning; key_padding_mask then covers
+    N + T keys)."""
     B, T, C = q.shape
     hs = C // n_head
     q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
     k = k.view(B, T, n_head, hs).transpose(1, 2)
     v = v.view(B, T, n_head, hs).transpose(1, 2)
+    if prefix is not None:  # causal masking is aligned bottom-right, so every query sees the whole prefix
+        k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
     if kv_cache is not None:
         k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
     y = flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p)

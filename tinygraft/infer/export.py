@@ -21,6 +21,7 @@ from tinygraft.models.gpt import GPT
 from tinygraft.models.hf import CONFIG
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.peft.files import CONFIG_NAME, save_adapter
+from tinygraft.peft.prompt import PrefixConfig, prompt_settings, virtual_layers
 from tinygraft.tasks import get_task
 from tinygraft.train import runs
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint
@@ -103,10 +104,23 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
             f"{str(run)!r} is not an adapter run, so it has no adapter to export; export the model with --to DIR"
         )
     model, notes, head = loaded.model, list(loaded.notes), None
+    root = model.backbone if loaded.kind == "finetune" else model
+    prompt = next(virtual_layers(root), None)
+    if prompt is not None:
+        _, config, _ = prompt_settings(root)
+        if getattr(config, "prefix_positions", "after") == "none":
+            raise TinygraftError(
+                f"{str(run)!r} trained its prefix with --prefix-positions none, which peft cannot compute (it numbers "
+                "the real tokens after the prefix); train with --prefix-positions after to export it for peft"
+            )
     if loaded.kind == "finetune":
         task = get_task(loaded.finetune.task)
         head = task.peft_head(model.head) if isinstance(model.backbone, BERT) else None
-        if head is None:
+        if head is not None and prompt is not None and not isinstance(config, PrefixConfig):
+            head = None  # peft's task models pool the first virtual token, ours the real [CLS]
+            notes.append(f"task head {type(model.head).__name__} left out: peft's task models read a prompt's first "
+                         "virtual token where ours read the real text")  # fmt: skip
+        elif head is None:
             notes.append(
                 f"task head {type(model.head).__name__} left out: no task model of peft + transformers computes it "
                 "(a BERT classifier exports its head when it pools with --pooling pooler)"
@@ -116,10 +130,10 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
         model = model.backbone
     base = loaded.method.base
     save_adapter(model, to, base_model_name_or_path=base, head=head)
-    if isinstance(model, GPT):  # the Hugging Face GPT-2 stores these layers as Conv1D, weight (in, out)
-        config = json.loads((to / CONFIG_NAME).read_text(encoding="utf-8"))
-        config["fan_in_fan_out"] = True
-        (to / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    written = json.loads((to / CONFIG_NAME).read_text(encoding="utf-8"))
+    if isinstance(model, GPT) and "fan_in_fan_out" in written:  # transformers' GPT-2 keeps these layers as Conv1D
+        written["fan_in_fan_out"] = True
+        (to / CONFIG_NAME).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     if base is None:
         notes.append(
             "the base was built from a preset, not read from a file: export it with --to DIR too, and "

@@ -20,6 +20,7 @@ from torch import nn
 from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention
 from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
+from tinygraft.peft.prompt import virtual_tokens_of
 
 
 @dataclass
@@ -62,13 +63,21 @@ class BERTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.max_positions = config.max_position_embeddings
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids, token_type_ids, prompt: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, N + T, C): a prompt's N vectors (prompt tuning) first, at positions from `start`."""
         T = input_ids.shape[1]
-        if T > self.max_positions:
-            raise TinygraftError(f"sequence of {T} tokens is longer than the model's {self.max_positions} positions")
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(x))  # (B, T, C)
+        words = self.word_embeddings(input_ids)
+        if prompt is not None:  # virtual tokens are segment A, as peft's (which drops token types) are
+            words = torch.cat([prompt.to(words.dtype), words], dim=1)
+            token_type_ids = F.pad(token_type_ids, (prompt.shape[1], 0))
+        if start + words.shape[1] > self.max_positions:
+            virt = start + words.shape[1] - T
+            extra = f" and the adapter's {virt} virtual tokens" if virt else ""
+            limit = self.max_positions
+            raise TinygraftError(f"sequence of {T} tokens{extra} is longer than the model's {limit} positions")
+        pos = torch.arange(start, start + words.shape[1], device=input_ids.device)
+        x = words + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))  # (B, N + T, C)
 
 
 class BERTSelfAttention(nn.Module):
@@ -80,10 +89,12 @@ class BERTSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, prefix=None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         q, k, v = self.query(x), self.key(x), self.value(x)
-        return multi_head_attention(q, k, v, self.n_head, causal=False, key_padding_mask=key_padding_mask, dropout_p=p)
+        return multi_head_attention(
+            q, k, v, self.n_head, causal=False, key_padding_mask=key_padding_mask, dropout_p=p, prefix=prefix
+        )
 
 
 class ResidualLayerNorm(nn.Module):
@@ -105,8 +116,8 @@ class BERTAttention(nn.Module):
         self.self = BERTSelfAttention(config)
         self.output = ResidualLayerNorm(config.n_embd, config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, key_padding_mask), x)
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, prefix=None) -> torch.Tensor:
+        return self.output(self.self(x, key_padding_mask, prefix), x)
 
 
 class BERTIntermediate(nn.Module):
@@ -126,8 +137,8 @@ class BERTLayer(nn.Module):
         self.intermediate = BERTIntermediate(config)
         self.output = ResidualLayerNorm(config.intermediate_size, config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention(x, key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, prefix=None) -> torch.Tensor:
+        h = self.attention(x, key_padding_mask, prefix)
         return self.output(self.intermediate(h), h)
 
 
@@ -173,12 +184,24 @@ class BERT(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None  # (B, T), True = real
-        x = self.embeddings(input_ids, token_type_ids)
-        states = [x] if output_hidden_states else None
-        for layer in self.encoder.layer:
-            x = layer(x, key_padding_mask)
+        B = input_ids.shape[0]
+        # Prompt or prefix tuning (peft/prompt.py): virtual tokens every real one sees, dropped from the outputs.
+        virtual = virtual_tokens_of(self.embeddings.word_embeddings)
+        prompt = virtual.input_prompt(B) if virtual is not None else None
+        prefixes = virtual.layer_prefixes(B) if virtual is not None else None
+        n_prefix, after = virtual.prefix_count() if virtual is not None else (0, False)
+        x = self.embeddings(input_ids, token_type_ids, prompt, n_prefix if after else 0)
+        n_prompt = x.shape[1] - input_ids.shape[1]
+        n_seen = n_prompt + (n_prefix if prefixes is not None else 0)
+        if key_padding_mask is not None and n_seen:
+            key_padding_mask = F.pad(key_padding_mask, (n_seen, 0), value=True)
+        real = (lambda h: h[:, n_prompt:]) if n_prompt else (lambda h: h)  # noqa: E731
+        states = [real(x)] if output_hidden_states else None
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, key_padding_mask, prefixes[i] if prefixes is not None else None)
             if states is not None:
-                states.append(x)
+                states.append(real(x))
+        x = real(x)
         pooled = self.pooler(x) if self.pooler is not None else x[:, 0]
         return BERTOutput(x, pooled, tuple(states) if states is not None else None)
 

@@ -19,6 +19,7 @@ from torch import nn
 from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention
 from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
+from tinygraft.peft.prompt import virtual_tokens_of
 
 
 class CausalSelfAttention(nn.Module):
@@ -31,10 +32,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.layer = layer
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, prefix=None) -> torch.Tensor:
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)  # each (B, T, C)
         p = self.dropout if self.training else 0.0
-        y = multi_head_attention(q, k, v, self.n_head, causal=True, dropout_p=p, kv_cache=kv_cache, layer=self.layer)
+        y = multi_head_attention(
+            q, k, v, self.n_head, causal=True, dropout_p=p, kv_cache=kv_cache, layer=self.layer, prefix=prefix
+        )
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -57,8 +60,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, prefix=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -115,20 +118,47 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) final hidden states (after ln_f)."""
+        """(B, T) token ids -> (B, T, C) final hidden states (after ln_f).
+
+        With a prompt-tuning adapter its N virtual tokens go first (positions 0..N-1) and their outputs are dropped;
+        with a prefix-tuning adapter each block attends over its prefix too. Under a KV cache both are read once,
+        by the first forward, and cached like tokens."""
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        virtual = virtual_tokens_of(self.transformer.wte)
+        fresh = kv_cache is None or kv_cache.length == 0
+        prompt = virtual.input_prompt(B) if virtual is not None and fresh else None
+        prefixes = virtual.layer_prefixes(B) if virtual is not None and fresh else None
+        n_prompt = prompt.shape[1] if prompt is not None else 0
+        n_prefix, after = virtual.prefix_count() if virtual is not None else (0, False)
+        cached = kv_cache.length - kv_cache.prefix if kv_cache is not None and not fresh else 0
+        start = cached + (n_prefix if after else 0)
+        if start + n_prompt + T > self.config.block_size:
+            virt = n_prompt + (n_prefix if after else 0)
+            extra = f" and the adapter's {virt} virtual tokens" if virt else ""
             raise TinygraftError(
-                f"sequence of {start + T} tokens is longer than the model's {self.config.block_size} positions"
+                f"sequence of {cached + T} tokens{extra} is longer than the model's {self.config.block_size} positions"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
+        pos = torch.arange(start, start + n_prompt + T, device=idx.device)
+        tokens = self.transformer.wte(idx)
+        if prompt is not None:
+            tokens = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
+        x = self.transformer.drop(tokens + self.transformer.wpe(pos))  # (B, N + T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, prefixes[i] if prefixes is not None else None)
         if kv_cache is not None:
-            kv_cache.length += T
-        return self.transformer.ln_f(x)
+            if prefixes is not None:
+                kv_cache.prefix = n_prefix
+                kv_cache.length += n_prefix
+            kv_cache.length += n_prompt + T
+        return self.transformer.ln_f(x[:, n_prompt:] if n_prompt else x)
+
+    def virtual_positions(self) -> tuple[int, int]:
+        """(positions the active prompt or prefix takes, cache slots a prefix takes)."""
+        virtual = virtual_tokens_of(self.transformer.wte)
+        if virtual is None:
+            return 0, 0
+        n_prefix, after = virtual.prefix_count()
+        return virtual.virtual_count() + (n_prefix if after else 0), n_prefix
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over targets != -100."""
@@ -141,7 +171,7 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.config
         p = self.lm_head.weight
-        max_len = max_len or c.block_size
+        max_len = max_len or c.block_size + self.virtual_positions()[1]
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
     @torch.no_grad()
@@ -157,14 +187,18 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T). temperature 0 is greedy decoding."""
         cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
-        pending = idx  # tokens the model has not read yet
+        room = self.config.block_size - self.virtual_positions()[0]  # real tokens that fit beside a prompt
+        if room < 2:
+            raise TinygraftError(f"the adapter's virtual tokens leave {room} of the model's positions for text")
+        pending, read = idx, 0  # tokens the model has not read yet; real tokens in the cache
         for _ in range(max_new_tokens):
-            if cache is not None and cache.length + pending.shape[1] > self.config.block_size:
-                cache.length = 0  # window full: re-read the last block_size - 1 tokens from scratch
-                pending = idx[:, -(self.config.block_size - 1) :]
+            if cache is not None and read + pending.shape[1] > room:
+                cache.length = cache.prefix = read = 0  # window full: re-read the last room - 1 tokens from scratch
+                pending = idx[:, -(room - 1) :]
             if cache is None:
-                pending = idx[:, -self.config.block_size :]
+                pending = idx[:, -room:]
             logits, _ = self(pending, kv_cache=cache)
+            read += pending.shape[1]
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_id], dim=1)
             pending = next_id if cache is not None else idx

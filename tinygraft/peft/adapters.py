@@ -13,6 +13,9 @@ adapters goes through the functions below, the same for every method:
     state      adapter_state_dict(model, name) / load_adapter_state_dict(model, state, name): the adapter's tensors
                keyed `<layer path>.<tensor>` (peft's keys with the adapter name dropped)
     save/load  peft/files.py: peft's file layout (adapter_config.json + adapter_model.safetensors)
+    rows       mixed_batch(model, names): inside the block row i of every batch runs with adapter names[i], in one
+               forward and one backward (each method's `forward` computes the rows together: LoRA through the
+               segmented kernel, IA3 by gathering vectors, ...); each row's gradient reaches its own adapter
 
 Targets are chosen with peft's rules (`match_targets`): a list of names matches a layer whose path is the name or
 ends with "." + name, a string is a regex matched against the whole path, and "all-linear" is every linear layer
@@ -50,6 +53,7 @@ class AdapterLayer(nn.Module):
         self.settings: dict = {}  # adapter name -> its config
         self.active_adapter: str | None = None  # None: the base layer alone
         self.merged_adapters: list[str] = []  # adapters folded into base.weight
+        self.row_adapters: list[str | None] | None = None  # in a mixed batch: each batch row's adapter
 
     def add_adapter(self, name: str, config) -> None:
         if name in self.settings:
@@ -65,6 +69,11 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What an adapter file keeps: its parameters, unless the method saves a folded form (prefix tuning's
+        reparametrisation)."""
+        return self.adapter_tensors(name)
 
     def _forget(self, name: str) -> None:
         """Drop the modules `_create` made for adapter `name`."""
@@ -92,6 +101,23 @@ class AdapterLayer(nn.Module):
         """`name` (default: the active adapter) when this layer has it, else None."""
         name = name or self.active_adapter
         return name if name in self.settings else None
+
+    def row_groups(self, device) -> tuple[list[str], torch.Tensor]:
+        """In a mixed batch: the adapters of this layer that rows name (first seen first) and each row's index into
+        them; -1 for a row whose adapter is not on this layer (it runs the base alone, as set_adapter would)."""
+        names = [n for n in dict.fromkeys(self.row_adapters) if n in self.settings]
+        index = {n: i for i, n in enumerate(names)}
+        rows = [index.get(n, -1) for n in self.row_adapters]
+        return names, torch.tensor(rows, dtype=torch.long, device=device)
+
+    def rows_of(self, x: torch.Tensor, dims: int = 1) -> int:
+        """Check that x's leading axis is the mixed batch's rows; returns how many."""
+        if x.shape[0] != len(self.row_adapters):
+            raise TinygraftError(
+                f"the mixed batch names {len(self.row_adapters)} rows' adapters but the {self.kind} layer got a batch "
+                f"of {x.shape[0]}"
+            )
+        return x.shape[0]
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
@@ -162,9 +188,29 @@ def candidates(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(w + ".") for w in wrappers):
             continue
-        if isinstance(module, AdapterLayer) or is_linear_like(module):
+        if is_linear_like(module.base if isinstance(module, AdapterLayer) else module):
             found[name] = module
     return found
+
+
+def path_matches(path: str, spec: str | Sequence[str]) -> bool:
+    """peft's rule for one path: a string is a regex on the whole path, a list names suffixes after a dot."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == s or path.endswith("." + s) for s in spec)
+
+
+def auto_by_marker(model: nn.Module, table: Sequence[tuple], what: str, flags: str):
+    """The rest of the first `table` row whose marker (a module path suffix that tells the family) the model has:
+    how "auto" targets pick BERT's or GPT-2's layers by name."""
+    names = [name for name, _ in model.named_modules()]
+    for marker, *found in table:
+        if any(path_matches(n, [marker]) for n in names):
+            return found[0] if len(found) == 1 else tuple(found)
+    raise TinygraftError(
+        f"{what} targets 'auto' knows BERT and GPT-2 module names, and this model has neither; name the layers "
+        f"with {flags}"
+    )
 
 
 def match_targets(model: nn.Module, targets: str | Sequence[str], what: str = "adapter") -> list[str]:
@@ -174,11 +220,8 @@ def match_targets(model: nn.Module, targets: str | Sequence[str], what: str = "a
         heads = _head_paths(model)
         chosen = [name for name in found if name not in heads]
     else:
-        if isinstance(targets, str):
-            hits = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)]
-        else:
-            targets = list(targets)
-            hits = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+        spec = targets if isinstance(targets, str) else list(targets)
+        hits = [name for name, _ in model.named_modules() if path_matches(name, spec)]
         wrappers = [w for w, _ in adapter_layers(model)]
         hits = [h for h in hits if not any(h.startswith(w + ".") for w in wrappers)]
         wrong = [h for h in hits if h not in found]
@@ -233,6 +276,29 @@ def adapters_disabled(model: nn.Module):
             layer.active_adapter = name
 
 
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str | None]):
+    """Inside the block, row i of each batch runs with adapter names[i] (None: the base alone), every row in the
+    same forward; it equals running each row alone with set_adapter, forward and gradients. No merged adapter may be
+    in the model (its update sits in the base weight every row shares)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    known = {n for layer in layers for n in layer.settings}
+    unknown = [n for n in names if n is not None and n not in known]
+    if unknown:
+        raise TinygraftError(f"the model has no adapter named {unknown[0]!r} (its adapters: "
+                             f"{', '.join(sorted(known)) or 'none'})")  # fmt: skip
+    merged = [n for layer in layers for n in layer.merged_adapters]
+    if merged:
+        raise TinygraftError(f"adapter {merged[0]!r} is merged into the base weights; unmerge it before a mixed batch")
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     layers = [layer for _, layer in adapter_layers(model) if name in layer.settings]
     if not layers:
@@ -283,14 +349,15 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Par
     return params
 
 
-def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, name: str | None = None, saved: bool = False) -> dict[str, torch.Tensor]:
     """One adapter's tensors keyed `<layer path>.<tensor>` (peft's keys, adapter name dropped, without peft's
-    `base_model.model.` prefix)."""
+    `base_model.model.` prefix): its parameters, or with `saved` the form its files keep."""
     state = {}
     for path, layer in adapter_layers(model):
         found = layer.adapter_in(name)
         if found is not None:
-            state.update({f"{path}.{k}": v.detach() for k, v in layer.adapter_tensors(found).items()})
+            tensors = layer.saved_tensors(found) if saved else layer.adapter_tensors(found)
+            state.update({f"{path}.{k}": v.detach() for k, v in tensors.items()})
     return state
 
 

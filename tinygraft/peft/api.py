@@ -7,7 +7,8 @@
     set_adapter(model, "docs")                 # switching copies nothing: every adapter sits beside the base
     with adapters_disabled(model): ...         # the base alone
 
-A layer holds adapters of one method (a LoRA layer more LoRA adapters, ...); methods on different layers mix freely.
+A layer holds adapters of one method (a LoRA layer more LoRA adapters, ...); methods on different layers mix freely
+(prompt and prefix tuning share one layer, the token embedding).
 """
 
 import inspect
@@ -20,6 +21,7 @@ from tinygraft.peft.adapters import DEFAULT_ADAPTER
 from tinygraft.peft.bottleneck import add_bottleneck
 from tinygraft.peft.ia3 import add_ia3
 from tinygraft.peft.lora import add_lora
+from tinygraft.peft.prompt import add_prefix_tuning, add_prompt_tuning
 
 
 def _dora(model, **settings):
@@ -36,11 +38,14 @@ ADDERS: dict[str, Callable] = {
     "ia3": add_ia3,
     "houlsby": _bottleneck("houlsby"),
     "pfeiffer": _bottleneck("pfeiffer"),
+    "prompt-tuning": add_prompt_tuning,
+    "prefix-tuning": add_prefix_tuning,
 }
 
 
 def add_adapter(model: nn.Module, method: str, name: str = DEFAULT_ADAPTER, **settings) -> int:
-    """Add a named adapter of `method` (lora, dora, ia3, houlsby, pfeiffer) to `model` in place and make it the
+    """Add a named adapter of `method` (lora, dora, ia3, houlsby, pfeiffer, prompt-tuning, prefix-tuning; the last two
+    on tinygraft's GPT and BERT) to `model` in place and make it the
     active one; the settings are the method's `add_*` keywords (r, alpha, targets, ...). Returns the trainable count
     (the new adapter's, every other parameter frozen)."""
     if method not in ADDERS:

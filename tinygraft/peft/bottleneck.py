@@ -65,14 +65,7 @@ class BottleneckConfig:
 def resolve(model: nn.Module, targets: str, variant: str) -> str | list[str]:
     if targets != AUTO:
         return adapters.parse_targets(targets)
-    names = [name for name, _ in model.named_modules()]
-    for marker, by_variant in _AUTO:
-        if any(n == marker or n.endswith("." + marker) for n in names):
-            return by_variant[variant]
-    raise TinygraftError(
-        "adapter targets 'auto' knows BERT and GPT-2 module names, and this model has neither; name the output "
-        "projections with --adapter-targets"
-    )
+    return adapters.auto_by_marker(model, _AUTO, "adapter", "--adapter-targets")[variant]
 
 
 class BottleneckLinear(AdapterLayer):

@@ -1,4 +1,5 @@
-"""LoRA and IA3 adapters in peft's file layout, so adapters move both ways between tinygraft and `peft`.
+"""LoRA, DoRA, IA3, prompt- and prefix-tuning adapters in peft's file layout, so they move both ways between
+tinygraft and `peft`; bottleneck adapters in a layout of ours shaped like it.
 
     DIR/adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
     DIR/adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
@@ -10,6 +11,10 @@
                                     "non_linearity": "relu", "target_modules": [...]}
                                     base_model.model.<module path>.adapter_down.weight (hidden/reduction, hidden)
                                     ... .adapter_down.bias, .adapter_up.weight (hidden, hidden/reduction), .bias
+    prompt tuning: {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": N, "token_dim": C, ...}
+                                    prompt_embeddings  (N, C)               (no path: peft keeps one per model)
+    prefix tuning: {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": N, "num_layers": L, ...}
+                                    prompt_embeddings  (N, L * 2 * C)       the reparametrisation MLP folded in
 
 peft's keys are its module paths inside `PeftModel(base)` (hence the `base_model.model.` prefix) with the adapter
 name dropped. A task model's adapter (a fine-tuned classifier, tagger or reader) also names its `task_type` and
@@ -36,10 +41,13 @@ from tinygraft.peft.adapters import DEFAULT_ADAPTER, adapter_state_dict, candida
 from tinygraft.peft.bottleneck import add_bottleneck, bottleneck_layers, bottleneck_settings
 from tinygraft.peft.ia3 import add_ia3, ia3_layers, ia3_settings
 from tinygraft.peft.lora import add_lora, load_lora_state_dict, lora_layers, lora_settings, lora_state_dict
+from tinygraft.peft.prompt import PrefixConfig, add_prefix_tuning, add_prompt_tuning, prompt_settings, virtual_layers
 
 CONFIG_NAME = "adapter_config.json"
 BOTTLENECK = "BOTTLENECK"  # our peft_type for bottleneck adapters
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
+PROMPT_KEY = "prompt_embeddings"
 PEFT_PREFIX = "base_model.model."
 
 # peft config keys whose non-default values change the math; we refuse those rather than compute something else.
@@ -92,8 +100,38 @@ def _bottleneck_config(model: nn.Module, adapter_name: str, base_model_name_or_p
     }
 
 
+def _is_prompt(model: nn.Module, adapter_name: str | None) -> bool:
+    return any(layer.adapter_in(adapter_name) is not None for _, layer in virtual_layers(model))
+
+
+def _prompt_config(model: nn.Module, adapter_name: str, base_model_name_or_path) -> dict:
+    """peft's PromptTuningConfig / PrefixTuningConfig (as trained: a reparametrised prefix says so, and its files
+    hold it folded), plus `prefix_positions`, ours, which peft ignores."""
+    _, config, layer = prompt_settings(model, adapter_name)
+    prefix = isinstance(config, PrefixConfig)
+    out = {
+        "peft_type": "PREFIX_TUNING" if prefix else "PROMPT_TUNING",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": layer.dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": layer.n_head,
+        "num_layers": layer.n_layer,
+    }
+    if prefix:
+        out.update(prefix_projection=config.prefix_projection, encoder_hidden_size=config.prefix_hidden,
+                   prefix_positions=config.prefix_positions)  # fmt: skip
+    else:
+        out.update(prompt_tuning_init="RANDOM")  # how it started does not matter to a trained prompt
+    return out
+
+
 def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, base_model_name_or_path=None) -> dict:
     """The adapter_config.json peft writes for this adapter (the fields it reads; the rest take peft's defaults)."""
+    if _is_prompt(model, adapter_name):
+        return _prompt_config(model, adapter_name, base_model_name_or_path)
     if any(layer.adapter_in(adapter_name) is not None for _, layer in bottleneck_layers(model)):
         return _bottleneck_config(model, adapter_name, base_model_name_or_path)
     if _is_ia3(model, adapter_name):
@@ -159,10 +197,19 @@ def save_adapter(
     directory = Path(directory)
     config = adapter_config(model, adapter_name, base_model_name_or_path)
     prefix = PEFT_PREFIX + (head.backbone_prefix if head else "")
-    state = adapter_state_dict(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name, saved=True)
     if config.get("init_lora_weights") == "pissa":
         config, state = _pissa_as_plain_lora(model, adapter_name, config, state)
     tensors = {prefix + k: v.contiguous() for k, v in state.items()}
+    if config["peft_type"] in PROMPT_TYPES:  # one table per model, keyed without a path
+        tensors = {PROMPT_KEY: next(iter(state.values())).contiguous()}
+        # peft applies prompts in its task models only: a causal LM's, or plain feature extraction for an encoder
+        path = next(iter(state)).rsplit(".", 1)[0]
+        config["task_type"] = "CAUSAL_LM" if path.endswith("transformer.wte") else "FEATURE_EXTRACTION"
+        if "prefix_projection" in config:
+            config["prefix_projection"] = False  # saved folded: peft reads it as plain prefixes
+        if config.get("prefix_positions") == "after":
+            del config["prefix_positions"]  # peft's own numbering, which a file without the key means
     if head is not None:
         config["task_type"] = head.task_type
         config["modules_to_save"] = sorted({name.split(".")[0] for name in head.tensors})
@@ -189,8 +236,17 @@ def read_adapter_config(directory) -> dict:
         )
     config = read_json(path, "adapter config")
     kind = config.get("peft_type", "LORA")
-    if kind not in ("LORA", "IA3", BOTTLENECK):
-        raise TinygraftError(f"{path} holds a {kind} adapter; tinygraft loads LoRA, IA3 and bottleneck adapters")
+    if kind not in ("LORA", "IA3", BOTTLENECK, *PROMPT_TYPES):
+        raise TinygraftError(f"{path} holds a {kind} adapter; tinygraft loads LoRA, DoRA, IA3, prompt tuning, prefix "
+                             "tuning and bottleneck adapters")  # fmt: skip
+    if kind in PROMPT_TYPES:
+        if config.get("num_transformer_submodules", 1) not in (1, None):
+            n = config["num_transformer_submodules"]
+            raise TinygraftError(f"{path} is a prompt for an encoder-decoder model (num_transformer_submodules={n}); "
+                                 "tinygraft's GPT and BERT take one")  # fmt: skip
+        if "num_virtual_tokens" not in config:
+            raise TinygraftError(f"{path} has no 'num_virtual_tokens'")
+        return config
     if kind == BOTTLENECK:
         for key in ("variant", "reduction", "non_linearity", "target_modules"):
             if key not in config:
@@ -224,6 +280,8 @@ def load_adapter(
     if not weights.is_file():
         raise TinygraftError(f"no {WEIGHTS_NAME} in {directory} (peft's .bin format is not read: it is a pickle)")
     state = load_file(str(weights))
+    if config.get("peft_type") in PROMPT_TYPES:
+        return _load_prompt(model, directory, config, state, adapter_name, freeze_base)
     bad = [k for k in state if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise TinygraftError(f"{weights} key {bad[0]!r} does not start with {PEFT_PREFIX!r}; not a peft LoRA file")
@@ -265,4 +323,32 @@ def load_adapter(
         )
     dtype_of = {k: v.dtype for k, v in lora_state_dict(model, adapter_name).items()}
     load_lora_state_dict(model, {k: v.to(dtype_of.get(k, v.dtype)) for k, v in state.items()}, adapter_name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _load_prompt(model: nn.Module, directory: Path, config: dict, state: dict, adapter_name: str, freeze_base) -> int:
+    """A prompt or prefix (peft's, or ours folded): checked against the model's shape, loaded as a plain table."""
+    if set(state) != {PROMPT_KEY}:
+        extra = sorted(set(state) - {PROMPT_KEY})
+        raise TinygraftError(f"{directory / WEIGHTS_NAME} should hold only {PROMPT_KEY!r}; it has "
+                             f"{extra[0] if extra else 'not that'!r}")  # fmt: skip
+    n, prefix = int(config["num_virtual_tokens"]), config["peft_type"] == "PREFIX_TUNING"
+    if not any(adapter_name in layer.settings for _, layer in virtual_layers(model)):
+        if prefix:  # peft numbers the real tokens after the prefix; a file of ours says when it does not
+            add_prefix_tuning(model, n, positions=config.get("prefix_positions", "after"), adapter_name=adapter_name,
+                              freeze_base=freeze_base)  # fmt: skip
+        else:
+            add_prompt_tuning(model, n, "random", adapter_name=adapter_name, freeze_base=freeze_base)
+    _, _, layer = prompt_settings(model, adapter_name)
+    for key, have in (("token_dim", layer.dim), ("num_layers", layer.n_layer), ("num_attention_heads", layer.n_head)):
+        if key in config and config[key] is not None and int(config[key]) != have and (prefix or key == "token_dim"):
+            raise TinygraftError(f"the adapter in {directory} was saved for a base with {key}={config[key]}; this "
+                                 f"model has {have}")  # fmt: skip
+    table = layer.prompt_embeddings[adapter_name]
+    got = state[PROMPT_KEY]
+    if adapter_name in layer.prefix_mlp or tuple(got.shape) != tuple(table.shape):
+        raise TinygraftError(f"{PROMPT_KEY} in {directory} is {tuple(got.shape)}; this model's {adapter_name!r} "
+                             f"adapter takes {tuple(table.shape)}")  # fmt: skip
+    with torch.no_grad():
+        table.copy_(got.to(table.dtype))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

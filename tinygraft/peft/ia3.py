@@ -19,7 +19,6 @@ a regex on the whole path), peft's rules.
     n_trainable = add_ia3(model, targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
 """
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -63,20 +62,7 @@ def resolve(model: nn.Module, config: IA3Config) -> tuple[str | list[str], str |
         raise TinygraftError('IA3: give both --ia3-targets and --ia3-feedforward, or leave both "auto"')
     if config.ia3_targets != AUTO:
         return adapters.parse_targets(config.ia3_targets), adapters.parse_targets(config.ia3_feedforward)
-    names = [name for name, _ in model.named_modules()]
-    for marker, targets, feedforward in _AUTO:
-        if any(n == marker or n.endswith("." + marker) for n in names):
-            return targets, feedforward
-    raise TinygraftError(
-        "IA3 targets 'auto' knows BERT and GPT-2 module names, and this model has neither; name the layers "
-        "with --ia3-targets and --ia3-feedforward"
-    )
-
-
-def _matches(path: str, spec: str | Sequence[str]) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == s or path.endswith("." + s) for s in spec)
+    return adapters.auto_by_marker(model, _AUTO, "IA3", "--ia3-targets and --ia3-feedforward")
 
 
 class IA3Linear(AdapterLayer):
@@ -149,8 +135,8 @@ def add_ia3(
     config = IA3Config(text(targets), text(feedforward))
     targets, feedforward = resolve(model, config)
     paths = adapters.match_targets(model, targets, "IA3")
-    ff_paths = [p for p in paths if _matches(p, feedforward)]
-    stray = [p for p in adapters.candidates(model) if _matches(p, feedforward) and p not in paths]
+    ff_paths = [p for p in paths if adapters.path_matches(p, feedforward)]
+    stray = [p for p in adapters.candidates(model) if adapters.path_matches(p, feedforward) and p not in paths]
     if stray:
         raise TinygraftError(f"IA3 feed-forward layer {stray[0]!r} is not among the targets; feedforward names a "
                              "subset of them")  # fmt: skip

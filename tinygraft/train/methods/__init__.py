@@ -16,6 +16,7 @@ from tinygraft.train.methods.bottleneck import Houlsby, Pfeiffer
 from tinygraft.train.methods.freezing import Full, GradualUnfreeze, LinearProbe, TopK, units
 from tinygraft.train.methods.ia3 import IA3Method
 from tinygraft.train.methods.lora import DoRAMethod, LoRAMethod
+from tinygraft.train.methods.prompt import PrefixTuning, PromptTuning
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -91,6 +92,8 @@ register(DoRAMethod)
 register(IA3Method)
 register(Houlsby)
 register(Pfeiffer)
+register(PromptTuning)
+register(PrefixTuning)
 
 __all__ = [
     "METHODS",
