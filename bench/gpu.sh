@@ -75,6 +75,7 @@ if [ "$DRY" = 1 ]; then
     stage tests 120 "$PY" -m pytest -p no:cacheprovider -q --collect-only tests/kernels
     stage attention 120 "$PY" -m bench.attention --seq 64 --dims 128 --tokens 128 --hidden 128 --budget-s 0.01
     stage lora 120 "$PY" -m bench.lora --quick --budget-s 0.01
+    stage lora:segmented 120 "$PY" -m bench.lora_segmented --quick --budget-s 0.01
     stage adamw 120 "$PY" -m bench.adamw --repeats 2
     stage train 120 "$PY" -m bench.train_throughput --preset gpt-tiny --batch 2 --seq 32 --rounds 1 --budget 0.05
 else
@@ -84,6 +85,7 @@ else
         --ignore=tests/kernels/test_compile_check.py --junitxml="$RESULTS/kernel-tests.xml"
     stage attention 70 "$PY" -m bench.attention --seq 1024,4096,16384 --dims 64,128 --budget-s 0.2
     stage lora 50 "$PY" -m bench.lora --budget-s 0.3
+    stage lora:segmented 45 "$PY" -m bench.lora_segmented --budget-s 0.3
     stage adamw 30 "$PY" -m bench.adamw --repeats 20
     stage train:eager 50 "$PY" -m bench.train_throughput --preset gpt2 --seq 1024 --rounds 2 --budget 1.0
     stage train:compile 50 "$PY" -m bench.train_throughput --preset gpt2 --seq 1024 --rounds 2 --budget 1.0 --compile

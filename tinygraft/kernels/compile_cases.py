@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from tinygraft.kernels import adamw_triton, attention_triton, bias_gelu_triton, lora
+from tinygraft.kernels import adamw_triton, attention_triton, bias_gelu_triton, lora, lora_segmented
 
 META = torch.device("meta")
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -22,6 +22,7 @@ KERNEL_NAMES = {
     "_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq", "_attn_bwd_delta": "delta",
     "_attn_decode": "decode", "_attn_decode_combine": "combine",
     "_lowrank_matmul_kernel": "gemm", "_skinny_matmul_kernel": "skinny",
+    "_seg_gemm_kernel": "gemm", "_seg_skinny_kernel": "skinny", "_seg_reduce_kernel": "reduce",
     "_bias_gelu_fwd_kernel": "fwd", "_bias_gelu_bwd_kernel": "bwd",
     "_adamw_kernel": "update", "_sq_norm_kernel": "sq_norm",
 }  # fmt: skip
@@ -131,6 +132,36 @@ LORA = [
 ]  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------------- segmented LoRA
+def _lora_segmented(dtype, bias, dropout, ieee=True):
+    """A mixed batch: 8 adapters, every row one of them or the base alone (a real plan on a GPU, for --tune)."""
+    M, K, N, r, G = 4096, 1024, 1024, 16, 8
+    x, w = _empty(M, K, dtype=dtype), _empty(N, K, dtype=dtype)
+    a, b = _empty(G, r, K, dtype=dtype), _empty(G, N, r, dtype=dtype)
+    scaling = _empty(G, dtype=FP32)
+    ids = torch.arange(M, device=DEVICE[-1]) % (G + 1) - 1
+    block_m = lora_segmented.tile_rows()
+    plan = (*lora_segmented.plan_rows(ids, G, block_m), block_m)
+    p = [0.1] * G if dropout else [0.0] * G
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not ieee
+    try:  # the functions behind the custom ops; dW is lora's own GEMM (the LoRA case builds it), so not asked for
+        y, s = lora_segmented._segmented_op._init_fn(x, w, _empty(N, dtype=dtype) if bias else None, a, b, scaling,
+                                                     *plan, p, 7)  # fmt: skip
+        lora_segmented._segmented_backward_op._init_fn(y, x, w, a, b, s, scaling, *plan, p, 7,
+                                                       [True, False, bias, True, True])  # fmt: skip
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+LORA_SEGMENTED = [
+    Case("lora_segmented", {"dtype": [BF16, FP16], "bias": [True, False], "dropout": [True, False]}, _lora_segmented,
+         _lora_class),
+    Case("lora_segmented", {"dtype": [FP32], "bias": [True, False], "dropout": [True, False], "ieee": [True, False]},
+         _lora_segmented, _lora_class),
+]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- bias + GELU
 def _bias_gelu(dtype, tanh):
     x, b = _empty(8192, 3072, dtype=dtype), _empty(3072, dtype=dtype)
@@ -166,4 +197,4 @@ ADAMW = [
          lambda **_: "all"),
 ]  # fmt: skip
 
-CASES = [*ATTENTION, *LORA, *BIAS_GELU, *ADAMW]
+CASES = [*ATTENTION, *LORA, *LORA_SEGMENTED, *BIAS_GELU, *ADAMW]

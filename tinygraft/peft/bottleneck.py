@@ -103,11 +103,26 @@ class BottleneckLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(y)
         name = self.active_adapter
         if name is None:
             return y
         act = ACTIVATIONS[self.settings[name].adapter_act]
         return y + self.adapter_up[name](act(self.adapter_down[name](y)))
+
+    def _forward_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: each adapter runs on its own rows (gathered, then added back in place), so the rows of
+        one adapter share its matmuls; adapters may differ in width and non-linearity."""
+        names, idx = self.row_groups(y.device)
+        self.rows_of(y)
+        out = y
+        for g, name in enumerate(names):
+            rows = (idx == g).nonzero().flatten()
+            h = y.index_select(0, rows)
+            act = ACTIVATIONS[self.settings[name].adapter_act]
+            out = out.index_add(0, rows, self.adapter_up[name](act(self.adapter_down[name](h))))
+        return out
 
     def _fold(self, name: str, undo: bool) -> None:
         raise TinygraftError("bottleneck adapters are non-linear, so they do not merge into the base weights; export "

@@ -92,10 +92,18 @@ class IA3Linear(AdapterLayer):
         return {"ia3_l": self.ia3_l[name]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return self.base(x)
-        scale = self.ia3_l[name].flatten()
+        if self.row_adapters is not None:  # a mixed batch: each row gathers its own adapter's vector
+            names, idx = self.row_groups(x.device)
+            rows = self.rows_of(x)
+            vectors = [self.ia3_l[n].flatten() for n in names]
+            width = self.in_features if self.feedforward else self.out_features
+            ones = torch.ones(width, device=x.device, dtype=self.base.weight.dtype)
+            scale = torch.stack([ones, *vectors])[idx + 1].view(rows, *([1] * (x.dim() - 2)), width)
+        else:
+            name = self.active_adapter
+            if name is None or name in self.merged_adapters:
+                return self.base(x)
+            scale = self.ia3_l[name].flatten()
         if self.feedforward:
             return self.base(x * scale.to(x.dtype))
         y = self.base(x)

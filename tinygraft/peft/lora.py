@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tinygraft.core.config import setting
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.lora import lora_linear
+from tinygraft.kernels.lora_segmented import segmented_lora_linear
 from tinygraft.peft import adapters
 from tinygraft.peft.adapters import ALL_LINEAR, DEFAULT_ADAPTER, AdapterLayer, is_conv1d, is_linear_like
 
@@ -187,6 +188,8 @@ class LoRALinear(AdapterLayer):
         return self.base.weight.t() if self.fan_in_fan_out else self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return self.base(x)
@@ -208,6 +211,34 @@ class LoRALinear(AdapterLayer):
             return lora_linear(x, w, bias, a, b, cfg.scaling, p)
         y = lora_linear(x, w, None, a, b, cfg.scaling, p)
         y = y * scale.to(y.dtype)  # y's dtype: autocast's, when it is on
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: each row through its own adapter in one segmented kernel (kernels/lora_segmented.py), the
+        adapters stacked and zero-padded to the largest rank; DoRA rows then take their own magnitude / norm."""
+        names, idx = self.row_groups(x.device)
+        rows = self.rows_of(x)
+        if not names:
+            return self.base(x)
+        w, bias = self.base_weight(), self.base.bias
+        cfgs = [self.settings[n] for n in names]
+        r = max(c.r for c in cfgs)
+        a = torch.stack([F.pad(self.lora_A[n].weight.to(w.dtype), (0, 0, 0, r - c.r)) for n, c in zip(names, cfgs)])
+        b = torch.stack([F.pad(self.lora_B[n].weight.to(w.dtype), (0, r - c.r)) for n, c in zip(names, cfgs)])
+        p = [c.dropout if self.training else 0.0 for c in cfgs]
+        per_row = x.numel() // (rows * x.shape[-1])  # tokens per batch row
+        dora = any(c.use_dora for c in cfgs)
+        y = segmented_lora_linear(x, w, None if dora else bias, a, b, [c.scaling for c in cfgs],
+                                  idx.repeat_interleave(per_row), dropout_p=p)  # fmt: skip
+        if not dora:
+            return y
+        ones = torch.ones(self.out_features, device=y.device, dtype=torch.promote_types(w.dtype, torch.float32))
+        factors = [ones] + [
+            (self.lora_magnitude_vector[n] / self.weight_norm(n)).to(ones.dtype) if c.use_dora else ones
+            for n, c in zip(names, cfgs)
+        ]
+        factor = torch.stack(factors)[idx + 1]  # (rows, out); row -1 (the base alone) takes ones
+        y = y * factor.view(rows, *([1] * (x.dim() - 2)), -1).to(y.dtype)
         return y if bias is None else y + bias.to(y.dtype)
 
     def _fold(self, name: str, undo: bool) -> None:
