@@ -72,3 +72,37 @@ def test_bad_calls_are_one_sentence():
         add_adapter(model, "lora", rank=4)
     with pytest.raises(TinygraftError, match="no adapter named 'x' \\(its adapters: none\\)"):
         set_adapter(model, "x")
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("lora", {"r": 4, "targets": ["query", "value"]}), ("dora", {"r": 4, "targets": ["query", "value"]}),
+    ("ia3", {}), ("houlsby", {}), ("pfeiffer", {}), ("prompt-tuning", {"num_virtual_tokens": 3}),
+    ("prefix-tuning", {"num_virtual_tokens": 3}),
+])  # fmt: skip
+def test_an_adapter_saved_for_another_base_is_one_sentence(method, settings, tmp_path):
+    from tinygraft.models import BERTConfig, BERTForMaskedLM
+
+    small = our_bert()
+    add_adapter(small, method, name="x", **settings)
+    save_adapter(small, tmp_path, adapter_name="x")
+    wider = BERTForMaskedLM(BERTConfig(**{**small.config.__dict__, "n_embd": 64}))
+    with pytest.raises(TinygraftError) as err:
+        load_adapter(wider, tmp_path, adapter_name="x")
+    message = str(err.value)
+    assert "\n" not in message and ("32" in message and "64" in message), message
+
+
+def test_one_method_per_layer_and_training_several_adapters_together():
+    model = our_bert()
+    add_adapter(model, "lora", name="a", r=2, targets=["key"])
+    with pytest.raises(TinygraftError, match="already holds LoRA adapters and a layer holds adapters of one method"):
+        add_adapter(model, "ia3", name="b")  # "auto" targets the keys too
+    add_adapter(model, "lora", name="c", r=3, targets=["key"])
+    from tinygraft.peft import train_adapters
+    from tinygraft.peft.adapters import adapter_parameters
+
+    assert not any(p.requires_grad for p in adapter_parameters(model, "a"))  # each add trains only its own
+    n = train_adapters(model, ["a", "c"])
+    assert n == sum(p.numel() for name in "ac" for p in adapter_parameters(model, name))
+    with pytest.raises(TinygraftError, match="no adapter named 'zz'"):
+        train_adapters(model, ["zz"])

@@ -11,6 +11,8 @@ _EXPORTS = {
         (
             "set_adapter",
             "adapters_disabled",
+            "mixed_batch",
+            "train_adapters",
             "delete_adapter",
             "merge_adapter",
             "unmerge_adapter",

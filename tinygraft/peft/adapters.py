@@ -142,6 +142,17 @@ class AdapterLayer(nn.Module):
         w.copy_((w.to(delta.dtype) + (-delta if undo else delta)).to(w.dtype))
 
 
+def check_wrappable(base: nn.Module, kind: str) -> None:
+    """One method per layer: a layer already wrapped by another method's adapters is refused in one sentence."""
+    if isinstance(base, AdapterLayer):
+        raise TinygraftError(
+            f"that layer already holds {base.kind} adapters and a layer holds adapters of one method; give the "
+            f"{kind} adapter other targets"
+        )
+    if not is_linear_like(base):
+        raise TinygraftError(f"{kind} adapters wrap nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------------- targets
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 `Conv1D`: y = x @ W + b with W (in, out) and `nf` = out (duck-typed: no import)."""
@@ -332,6 +343,17 @@ def train_only(model: nn.Module, name: str, freeze_base: bool = True) -> int:
         model.requires_grad_(False)
     for p in adapter_parameters(model, name):
         p.requires_grad_(True)
+    return count_trainable(model)
+
+
+def train_adapters(model: nn.Module, names: Sequence[str]) -> int:
+    """Everything frozen but the named adapters (several train together in mixed batches); the trainable count."""
+    model.requires_grad_(False)
+    for name in names:
+        if not any(name in layer.settings for _, layer in adapter_layers(model)):
+            raise TinygraftError(f"the model has no adapter named {name!r}")
+        for p in adapter_parameters(model, name):
+            p.requires_grad_(True)
     return count_trainable(model)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tinygraft.core.config import setting
 from tinygraft.errors import TinygraftError
 from tinygraft.peft import adapters
-from tinygraft.peft.adapters import DEFAULT_ADAPTER, AdapterLayer, is_conv1d, is_linear_like
+from tinygraft.peft.adapters import DEFAULT_ADAPTER, AdapterLayer, is_conv1d
 
 AUTO = "auto"
 VARIANTS = ("houlsby", "pfeiffer")
@@ -74,8 +74,7 @@ class BottleneckLinear(AdapterLayer):
     kind = "bottleneck"
 
     def __init__(self, base: nn.Module):
-        if not is_linear_like(base):
-            raise TinygraftError(f"BottleneckLinear wraps nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
+        adapters.check_wrappable(base, "bottleneck")
         super().__init__(base)
         self.out_features = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
         self.adapter_down = nn.ModuleDict()

@@ -28,7 +28,7 @@ import torch.nn as nn
 from tinygraft.core.config import setting
 from tinygraft.errors import TinygraftError
 from tinygraft.peft import adapters
-from tinygraft.peft.adapters import DEFAULT_ADAPTER, AdapterLayer, is_conv1d, is_linear_like
+from tinygraft.peft.adapters import DEFAULT_ADAPTER, AdapterLayer, is_conv1d
 
 AUTO = "auto"
 # (a module path suffix that tells the family, targets, feed-forward targets), in peft's target syntax
@@ -72,8 +72,7 @@ class IA3Linear(AdapterLayer):
     kind = "IA3"
 
     def __init__(self, base: nn.Module, feedforward: bool):
-        if not is_linear_like(base):
-            raise TinygraftError(f"IA3Linear wraps nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
+        adapters.check_wrappable(base, "IA3")
         super().__init__(base)
         self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]

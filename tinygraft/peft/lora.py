@@ -111,8 +111,7 @@ class LoRALinear(AdapterLayer):
         use_dora: bool = False,
         lora_init: str = "default",
     ):
-        if not is_linear_like(base):
-            raise TinygraftError(f"LoRALinear wraps nn.Linear or a GPT-2 Conv1D, not {type(base).__name__}")
+        adapters.check_wrappable(base, "LoRA")
         super().__init__(base)
         self.fan_in_fan_out = is_conv1d(base)  # weight stored (in, out), peft's name for it
         self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
