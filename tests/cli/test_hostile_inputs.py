@@ -70,8 +70,9 @@ def gpt(made, tmp_path):
 
 
 def finetune_args(made, out, *extra):
-    return ["finetune", "--from", made / "tiny-bert", "--train", made / "train.tsv", "--val", made / "val.tsv",
-            "--steps", 2, "--batch-size", 8, "--out", out, *extra]  # fmt: skip
+    files = [] if "--train" in extra else ["--train", made / "train.tsv", "--val", made / "val.tsv"]  # given once
+    return ["finetune", "--from", made / "tiny-bert", *files, "--steps", 2, "--batch-size", 8, "--out", out,
+            *extra]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- values

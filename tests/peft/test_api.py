@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tinygraft.errors import TinygraftError
+from tinygraft.models import BERTConfig, BERTForMaskedLM
 from tinygraft.peft import (
     adapter_state_dict,
     adapters_disabled,
@@ -13,8 +14,9 @@ from tinygraft.peft import (
     load_adapter,
     save_adapter,
     set_adapter,
+    train_adapters,
 )
-from tinygraft.peft.adapters import adapter_layers
+from tinygraft.peft.adapters import adapter_layers, adapter_parameters
 
 from .test_ia3 import _ours, our_bert
 
@@ -80,8 +82,6 @@ def test_bad_calls_are_one_sentence():
     ("prefix-tuning", {"num_virtual_tokens": 3}),
 ])  # fmt: skip
 def test_an_adapter_saved_for_another_base_is_one_sentence(method, settings, tmp_path):
-    from tinygraft.models import BERTConfig, BERTForMaskedLM
-
     small = our_bert()
     add_adapter(small, method, name="x", **settings)
     save_adapter(small, tmp_path, adapter_name="x")
@@ -98,9 +98,6 @@ def test_one_method_per_layer_and_training_several_adapters_together():
     with pytest.raises(TinygraftError, match="already holds LoRA adapters and a layer holds adapters of one method"):
         add_adapter(model, "ia3", name="b")  # "auto" targets the keys too
     add_adapter(model, "lora", name="c", r=3, targets=["key"])
-    from tinygraft.peft import train_adapters
-    from tinygraft.peft.adapters import adapter_parameters
-
     assert not any(p.requires_grad for p in adapter_parameters(model, "a"))  # each add trains only its own
     n = train_adapters(model, ["a", "c"])
     assert n == sum(p.numel() for name in "ac" for p in adapter_parameters(model, name))

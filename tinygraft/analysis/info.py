@@ -112,6 +112,7 @@ def _finetune_info(step_dir: Path) -> dict:
         "method": c.get("method"),
         "source": c.get("base"),
         "head": c.get("head"),
+        "adapters": c.get("adapters"),
         "method_settings": ft.get("method_settings") or {},
         "config": c,
     }
@@ -132,6 +133,8 @@ def format_info(d: dict) -> str:
             f"head         {d['head']}",
             f"stored       {d['stored_params']:,} parameters in the checkpoint",
         ]
+        if d.get("adapters"):
+            lines.append(f"adapters     {', '.join(d['adapters'])} (each with its head; pick one with --adapter-name)")
     else:
         lines += [
             f"run          {d['task']}, method {d['method']}, "

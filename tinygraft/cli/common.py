@@ -23,3 +23,9 @@ def config_args(p, sections: str) -> None:
         metavar="KEY=VALUE",
         help="any setting, e.g. train.lr=1e-3 (repeatable; beats the flags and --config)",
     )
+
+
+def adapter_name_arg(p) -> None:
+    """--adapter-name, for the commands that read a run trained with several adapters (finetune --train NAME=FILE)."""
+    p.add_argument("--adapter-name", metavar="NAME", help="which adapter of a run trained with --train NAME=FILE ... "
+                   "(tinygraft info RUN lists them)")  # fmt: skip

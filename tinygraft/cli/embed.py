@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from tinygraft.cli.common import adapter_name_arg
 from tinygraft.errors import TinygraftError
 from tinygraft.infer.embed import check_output, load_encoder, read_texts, write_embeddings
 from tinygraft.models.pooling import sentence_embeddings
@@ -17,6 +18,7 @@ def add(sub) -> None:
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalise")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
+    adapter_name_arg(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -31,7 +33,8 @@ def run(args) -> int:
     if output not in (None, "-"):
         check_output(output, overwrite)
     texts = read_texts(getattr(args, "input", None))
-    model, tokenizer, pooling = load_encoder(spec, resolve_device(getattr(args, "device", None) or "auto"))
+    device = resolve_device(getattr(args, "device", None) or "auto")
+    model, tokenizer, pooling = load_encoder(spec, device, getattr(args, "adapter_name", None))
     vectors = sentence_embeddings(
         model,
         tokenizer,

@@ -1,5 +1,6 @@
 """`tinygraft export RUN`: a run in the Hugging Face layout, or an adapter run's adapter in peft's (infer/export.py)."""
 
+from tinygraft.cli.common import adapter_name_arg
 from tinygraft.errors import TinygraftError
 from tinygraft.infer.export import export_adapter, export_run
 
@@ -12,6 +13,7 @@ def add(sub) -> None:
     p.add_argument("--adapter", metavar="DIR", help="write an adapter run's adapter (LoRA, IA3) here in peft's layout")
     p.add_argument("--checkpoint", choices=("latest", "best"), default=None, help="default: what results.json kept")
     p.add_argument("--overwrite", action="store_true")
+    adapter_name_arg(p)
     p.set_defaults(func=run)
 
 
@@ -21,14 +23,15 @@ def run(ns) -> int:
     if to is None and adapter is None:
         raise TinygraftError("export needs --to DIR (the model, adapters merged) or --adapter DIR (an adapter's files)")
     if to is not None:
-        done = export_run(ns.run, to, which, overwrite, merged=getattr(ns, "merged", False))
+        done = export_run(ns.run, to, which, overwrite, merged=getattr(ns, "merged", False),
+                          adapter_name=getattr(ns, "adapter_name", None))  # fmt: skip
         print(
             f"exported {done['checkpoint']} as {done['architecture']} ({done['params']:,} parameters) to {done['to']}"
         )
         for note in done["notes"]:
             print(f"note: {note}")
     if adapter is not None:
-        done = export_adapter(ns.run, adapter, which, overwrite)
+        done = export_adapter(ns.run, adapter, which, overwrite, getattr(ns, "adapter_name", None))
         print(
             f"exported the {done['method']} adapter of {done['checkpoint']} ({done['params']:,} parameters, base "
             f"{done['base']}) to {done['to']} in peft's layout"

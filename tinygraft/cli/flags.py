@@ -31,6 +31,17 @@ def _scalar(tp):
     return tp, None
 
 
+class _Repeatable(argparse.Action):
+    """A flag given once keeps its value; given again, the values gather into a list (--train a=x --train b=y)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, self.dest, None)  # absent until given: the generated flags default to SUPPRESS
+        if seen is None:
+            setattr(namespace, self.dest, values)
+        else:
+            setattr(namespace, self.dest, [*(seen if isinstance(seen, list) else [seen]), values])
+
+
 def _signature(f: dataclasses.Field, tp) -> tuple:
     return (tp, f.default, f.metadata.get("help"))
 
@@ -73,6 +84,7 @@ def add_settings(parser, cls: type, prefix: str, skip: tuple[str, ...] = (), tit
             group.add_argument(
                 flag,
                 dest=dest,
+                action=_Repeatable if f.metadata.get("repeat") else "store",
                 type=tp,
                 choices=choices,
                 default=argparse.SUPPRESS,

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from tinygraft.cli.common import adapter_name_arg
 from tinygraft.errors import TinygraftError
 from tinygraft.infer.predict import predict, write_rows
 from tinygraft.tasks.base import READINGS
@@ -23,6 +24,7 @@ def add(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64, help="instruct: tokens to generate")
     p.add_argument("--device", default="auto")
+    adapter_name_arg(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -32,7 +34,7 @@ def run(ns) -> int:
         raise TinygraftError(f"output '{ns.output}' already exists; pass --overwrite to replace it")
     if ns.batch_size < 1 or ns.max_new_tokens < 1:
         raise TinygraftError("--batch-size and --max-new-tokens must be at least 1")
-    loaded = runs.load(ns.run, ns.checkpoint, device=resolve_device(ns.device))
+    loaded = runs.load(ns.run, ns.checkpoint, device=resolve_device(ns.device), adapter=ns.adapter_name)
     rows = predict(loaded, ns.input, ns.input_format, ns.batch_size, ns.max_new_tokens)
     write_rows(rows, ns.output, ns.overwrite)
     return 0

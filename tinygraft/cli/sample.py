@@ -1,6 +1,6 @@
 """`tinygraft sample`: text from a GPT checkpoint (infer/sample.py)."""
 
-from tinygraft.cli.common import checkpoint_args
+from tinygraft.cli.common import adapter_name_arg, checkpoint_args
 from tinygraft.infer.sample import sample
 
 
@@ -15,6 +15,7 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--no-kv-cache", action="store_true", help="re-read the whole context at each token")
+    adapter_name_arg(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +32,7 @@ def run(ns) -> int:
         use_cache=not ns.no_kv_cache,
         device=ns.device,
         which=ns.checkpoint,
+        adapter=ns.adapter_name,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -22,9 +22,10 @@ from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, factory=None) -> Any:
-    """A dataclass field that a command line shows: its default, its help, and (optionally) its flag's name."""
-    metadata = {"help": help, "flag": flag}
+def setting(default: Any, help: str, *, flag: str | None = None, factory=None, repeat: bool = False) -> Any:
+    """A dataclass field that a command line shows: its default, its help, and (optionally) its flag's name;
+    `repeat`: the flag may be given several times (then the value is the list of them)."""
+    metadata = {"help": help, "flag": flag, "repeat": repeat}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -107,8 +107,9 @@ def build_demo_task(
     return sorted(train, key=lambda r: _sha(r[0])), sorted(val, key=lambda r: _sha(r[0]))
 
 
-def write_demo_task(out_dir: str | Path, **kwargs) -> tuple[Path, Path]:
-    """Write train.tsv and val.tsv (`text<TAB>label` with a header) into `out_dir`; returns their paths."""
+def write_demo_task(out_dir: str | Path, columns: tuple[str, str] = ("text", "label"), **kwargs) -> tuple[Path, Path]:
+    """Write train.tsv and val.tsv (`text<TAB>label` with a header, or the `columns` named) into `out_dir`; returns
+    their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -116,7 +117,26 @@ def write_demo_task(out_dir: str | Path, **kwargs) -> tuple[Path, Path]:
         path = out_dir / f"{name}.tsv"
         with path.open("w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")  # quotes a text that starts with a quote
-            writer.writerow(["text", "label"])
+            writer.writerow(list(columns))
             writer.writerows(rows)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def main(argv=None) -> int:
+    """`python -m tinygraft.data.demo --out DIR [--text-col sentence --label-col label]`: the demo as two TSVs, with
+    the columns another data set uses (to train it beside that one: `finetune --train docs=DIR/train.tsv ...`)."""
+    import argparse  # noqa: PLC0415 (only this entry point parses arguments)
+
+    p = argparse.ArgumentParser(prog="python -m tinygraft.data.demo", description=main.__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    ns = p.parse_args(argv)
+    for path in write_demo_task(ns.out, (ns.text_col, ns.label_col)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

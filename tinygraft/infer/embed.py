@@ -50,10 +50,11 @@ def read_texts(source: str | Path | None, text_field: str = "text") -> list[str]
     return texts
 
 
-def load_encoder(spec: str | Path, device: torch.device):
+def load_encoder(spec: str | Path, device: torch.device, adapter: str | None = None):
     """(model, tokenizer, pooling) from a pretrained directory / 'minilm' (its own pooling), or from a tinygraft run
-    or checkpoint (mean pooling; a fine-tuned run embeds with its backbone)."""
-    loaded = runs.load(spec, device=device)
+    or checkpoint (mean pooling; a fine-tuned run embeds with its backbone, through adapter `adapter` of a
+    multi-adapter run)."""
+    loaded = runs.load(spec, device=device, adapter=adapter)
     model = loaded.model.backbone if loaded.kind == "finetune" else unwrap(loaded.model)
     if loaded.tokenizer is None:
         raise TinygraftError(f"'{loaded.path}' has no tokenizer to embed text with")

@@ -19,7 +19,7 @@ from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT
 from tinygraft.models.gpt import GPT
 from tinygraft.models.hf import CONFIG
-from tinygraft.peft.adapters import adapter_layers, unload
+from tinygraft.peft.adapters import DEFAULT_ADAPTER, adapter_layers, unload
 from tinygraft.peft.files import CONFIG_NAME, save_adapter
 from tinygraft.peft.prompt import PrefixConfig, prompt_settings, virtual_layers
 from tinygraft.tasks import get_task
@@ -53,12 +53,17 @@ def _check_not_source(run: str | Path, which: str | None, to: Path) -> None:
         )
 
 
-def _run(run: str | Path, which: str | None) -> runs.Loaded:
-    return runs.load(run, which, device=torch.device("cpu"))
+def _run(run: str | Path, which: str | None, adapter: str | None = None) -> runs.Loaded:
+    return runs.load(run, which, device=torch.device("cpu"), adapter=adapter)
 
 
 def export_run(
-    run: str | Path, to: str | Path, which: str | None = None, overwrite: bool = False, merged: bool = False
+    run: str | Path,
+    to: str | Path,
+    which: str | None = None,
+    overwrite: bool = False,
+    merged: bool = False,
+    adapter_name: str | None = None,
 ) -> dict:
     """Write the run's checkpoint into `to`; returns what was written (for the CLI to print). `merged=True` insists
     the run is an adapter run (whose adapter is merged into the base either way)."""
@@ -69,7 +74,7 @@ def export_run(
         raise TinygraftError(
             f"{str(run)!r} is not an adapter run, so there is no adapter to merge; export it without --merged"
         )
-    loaded = _run(run, which)
+    loaded = _run(run, which, adapter_name)
     model, notes = loaded.model, list(loaded.notes)
     adapted = next(adapter_layers(model), None) is not None
     if adapted:
@@ -89,7 +94,9 @@ def export_run(
     }
 
 
-def export_adapter(run: str | Path, to: str | Path, which: str | None = None, overwrite: bool = False) -> dict:
+def export_adapter(
+    run: str | Path, to: str | Path, which: str | None = None, overwrite: bool = False, adapter_name: str | None = None
+) -> dict:
     """Write an adapter run's adapter into `to` in peft's layout, keyed for the Hugging Face model of its base."""
     to = Path(to)
     _check_target(to, overwrite)
@@ -98,7 +105,7 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
         raise TinygraftError(
             f"{str(run)!r} is not an adapter run, so it has no adapter to export; export the model with --to DIR"
         )
-    loaded = _run(run, which)
+    loaded = _run(run, which, adapter_name)
     if not isinstance(loaded.method, AdapterMethod) or next(adapter_layers(loaded.model), None) is None:
         raise TinygraftError(
             f"{str(run)!r} is not an adapter run, so it has no adapter to export; export the model with --to DIR"
@@ -129,7 +136,7 @@ def export_adapter(run: str | Path, to: str | Path, which: str | None = None, ov
             notes.append(f"task head {type(model.head).__name__} exported for peft's task_type {head.task_type}")
         model = model.backbone
     base = loaded.method.base
-    save_adapter(model, to, base_model_name_or_path=base, head=head)
+    save_adapter(model, to, adapter_name=loaded.adapter or DEFAULT_ADAPTER, base_model_name_or_path=base, head=head)
     written = json.loads((to / CONFIG_NAME).read_text(encoding="utf-8"))
     if isinstance(model, GPT) and "fan_in_fan_out" in written:  # transformers' GPT-2 keeps these layers as Conv1D
         written["fan_in_fan_out"] = True

@@ -24,6 +24,7 @@ def sample(
     use_cache: bool = True,
     device: str = "auto",
     which: str | None = "latest",
+    adapter: str | None = None,
 ) -> list[str]:
     if max_new_tokens < 1 or num_samples < 1:
         raise TinygraftError("--tokens and --num-samples must be at least 1")
@@ -34,7 +35,7 @@ def sample(
     if top_p is not None and not 0 < top_p <= 1:
         raise TinygraftError(f"--top-p must be in (0, 1], got {top_p}")
     dev = resolve_device(device)
-    loaded = runs.load(path, which, device=dev)
+    loaded = runs.load(path, which, device=dev, adapter=adapter)
     model = loaded.model.backbone if loaded.kind == "finetune" else loaded.model
     if not isinstance(model, GPT):
         where = str(loaded.ckpt.path) if loaded.ckpt is not None else str(loaded.path)

@@ -40,10 +40,17 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 class DataSettings:
     """The files a fine-tuning run reads and how: shared by every task (section `data` of a run's config)."""
 
-    train: str | None = setting(
-        None, "training data (TSV/CSV/JSONL, CoNLL, SQuAD JSON); omitted: the stdlib docstring demo"
+    train: str | list[str] | None = setting(
+        None,
+        "training data (TSV/CSV/JSONL, CoNLL, SQuAD JSON); omitted: the stdlib docstring demo; NAME=FILE, repeated: "
+        "one adapter and head per name, trained together in mixed batches",
+        repeat=True,
     )
-    val: str | None = setting(None, "validation data (a SQuAD JSON given as --train alone is split by article)")
+    val: str | list[str] | None = setting(
+        None,
+        "validation data (a SQuAD JSON given as --train alone is split by article); NAME=FILE with named --train",
+        repeat=True,
+    )
     text_col: str | None = setting(None, "text column (default: the task's own, e.g. classify: text, qa: question)")
     text_pair_col: str | None = setting(None, "second text column (sentence pairs; qa: context; similarity: sentence2)")
     label_col: str | None = setting(None, "label column (classify: label; tokens: tags; qa: answer; similarity: score)")

@@ -36,7 +36,7 @@ from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import say
 from tinygraft.train import config as C
-from tinygraft.train import methods, runs
+from tinygraft.train import methods, multi, runs
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
 from tinygraft.train.loop import Job, Outcome, resolve_device, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
@@ -171,6 +171,22 @@ def make_evaluate(cfg: FinetuneConfig, data: TaskData, pad_id: int, timer: dict)
     return evaluate
 
 
+def make_multi_evaluate(cfg: FinetuneConfig, by_name: dict, pad_id: int, timer: dict):
+    """Each name's scorer over its own validation file, through its own adapter and head; the run's metric is the
+    mean of the names' primary metrics (so is its loss), each name's kept as "<name>.<metric>"."""
+    metric, _ = get_task(cfg.task).metric(cfg.task_settings)
+    each = {name: make_evaluate(cfg, data, pad_id, timer) for name, data in by_name.items()}
+
+    def evaluate(model) -> dict:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        scores = {name: fn(model.task_model(name)) for name, fn in each.items()}
+        out = {k: sum(s[k] for s in scores.values()) / len(scores) for k in (metric, "loss")}
+        out.update({f"{name}.{k}": v for name, s in scores.items() for k, v in s.items()})
+        return out
+
+    return evaluate
+
+
 def task_loss(model, batch):
     return model(batch)[1]
 
@@ -180,8 +196,12 @@ def normalized_flags(flags: dict, run_dir: Path) -> dict:
     by name when it is the shipped MiniLM."""
     out = dict(flags)
     for key in ("data.train", "data.val"):
-        if out.get(key) is not None:
-            out[key] = runs.record_path(out[key], run_dir)
+        value = out.get(key)
+        named = multi.named_files(value, "--" + key.split(".")[1]) if value is not None else None
+        if named is not None:
+            out[key] = [f"{n}={runs.record_path(f, run_dir)}" for n, f in named.items()]
+        elif value is not None:
+            out[key] = runs.record_path(value, run_dir)
     if out.get("source") is not None and resolve_pretrained(out["source"]).exists():
         out["source"] = record_name(resolve_pretrained(out["source"]))
     return out
@@ -232,24 +252,56 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if cfg.data.max_length > positions:
         say(f"--max-length {cfg.data.max_length} is above the model's {positions} positions; using {positions}")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=positions))
-    cfg = with_demo(cfg, run_dir.path)
-    data = prepare_data(cfg, run_dir.path, tokenizer, base.loaded)
-
-    loaded = base.loaded if base.loaded is not None and base.loaded.finetune.task == cfg.task else None
-    head = (
-        loaded.model.head
-        if loaded is not None
-        else task.make_head(base.backbone, cfg.task_settings, data.label_map, base.pooling)
-    )
-    model = TaskModel(base.backbone, head)
-    model.train()
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    timer = {"eval_seconds": 0.0}
+    named = multi.named_files(cfg.data.train, "--train")
+    if named is None:
+        if multi.named_files(cfg.data.val, "--val") is not None:
+            raise TinygraftError("--val NAME=FILE names an adapter, but --train gives one plain file; name both")
+        cfg = with_demo(cfg, run_dir.path)
+        data = prepare_data(cfg, run_dir.path, tokenizer, base.loaded)
+        loaded = base.loaded if base.loaded is not None and base.loaded.finetune.task == cfg.task else None
+        head = (
+            loaded.model.head
+            if loaded is not None
+            else task.make_head(base.backbone, cfg.task_settings, data.label_map, base.pooling)
+        )
+        model = TaskModel(base.backbone, head)
+        train_features, evaluate = data.train, make_evaluate(cfg, data, pad_id, timer)
+        labels = data.label_map.to_dict() if data.label_map is not None else None
+        head_desc = {"task": task.name, **task.describe_head(head)}
+    else:
+        if not isinstance(method, AdapterMethod):
+            raise TinygraftError(
+                f"--train NAME=FILE trains one adapter per name; --method {cfg.method} is not an adapter method "
+                "(lora, dora, ia3, houlsby, pfeiffer, prompt-tuning, prefix-tuning)"
+            )
+        pairs = multi.pair_up(named, multi.named_files(cfg.data.val, "--val") if cfg.data.val else None)
+        by_name = {}
+        for name, (train_file, val_file) in pairs.items():
+            one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train_file, val=val_file))
+            by_name[name] = prepare_data(one, run_dir.path, tokenizer, None)
+        heads = {
+            n: task.make_head(base.backbone, cfg.task_settings, d.label_map, base.pooling) for n, d in by_name.items()
+        }
+        model = multi.MultiTaskModel(base.backbone, heads)
+        train_features = [{**f, "adapter": n} for n, d in by_name.items() for f in d.train]
+        parts = by_name.values()
+        data = TaskData(train_features, [], None, [], sum(d.n_train for d in parts), sum(d.n_val for d in parts),
+                        [note for d in parts for note in d.notes])  # fmt: skip
+        evaluate = make_multi_evaluate(cfg, by_name, pad_id, timer)
+        labels = {n: d.label_map.to_dict() if d.label_map is not None else None for n, d in by_name.items()}
+        head_desc = {n: {"task": task.name, **task.describe_head(h)} for n, h in heads.items()}
+        method = multi.MultiAdapter(method, list(by_name))
+    model.train()
     batcher = L.LabeledBatcher(data.train, cfg.train.batch_size, pad_id, seed=cfg.train.seed)
     steps = cfg.train.steps or cfg.train.epochs * batcher.steps_per_epoch
     if isinstance(method, AdapterMethod):
         if resume is not None and is_adapter_checkpoint(resume.path):
             record = read_base_record(resume.path)
-            method = type(method)(cfg.method_settings, record["path"], record["sha256"])
+            inner = method.inner if named is not None else method
+            method = type(inner)(cfg.method_settings, record["path"], record["sha256"])
+            method = multi.MultiAdapter(method, list(named)) if named is not None else method
         else:
             method.bind_base(base.base_file)
     plan = method.prepare(model, steps, batcher.steps_per_epoch)
@@ -279,7 +331,6 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         device=t.device,
     )
     metric, higher = task.metric(cfg.task_settings)
-    head_desc = {"task": task.name, **task.describe_head(head)}
     config = {
         "format": runs.FORMAT,
         "kind": "finetune",
@@ -288,17 +339,19 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         "finetune": to_dict(cfg),
         "train": dataclasses.asdict(loop_cfg),
         "head": head_desc,
-        "labels": data.label_map.to_dict() if data.label_map is not None else None,
+        "labels": labels,
         "backbone": backbone_spec(model),
         "base": base.source,
     }
+    if named is not None:
+        config["adapters"] = list(named)
     if not method.attaches_modules:  # a method that trains nothing fails here, before the run directory is touched
         if not any(p.numel() for g in method.param_groups(model) for p in g["params"]):
             raise TinygraftError(
                 f"method {cfg.method} trains nothing on the {cfg.task} task (its head has no "
                 "parameters); use full, top-k, gradual-unfreeze or lora"
             )
-    timer = {"eval_seconds": 0.0, "data_sha256": data_digests(cfg, run_dir.path)}  # saved with every checkpoint
+    timer["data_sha256"] = data_digests(cfg, run_dir.path)  # saved with every checkpoint
     if resume is not None:
         check_same_run(resume, config, cfg, timer["data_sha256"])
         timer["eval_seconds"] = resume.trainer_state.get("eval_seconds", 0.0)
@@ -311,12 +364,15 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         run_dir.write_config(config)
         if data.label_map is not None:
             data.label_map.save(run_dir.path / "labels.json")
+        for name, d in by_name.items() if named is not None else ():
+            if d.label_map is not None:
+                d.label_map.save(run_dir.path / f"labels.{name}.json")
     job = Job(
         model=model,
         method=method,
         batcher=batcher,
         loss_fn=task_loss,
-        evaluate=make_evaluate(cfg, data, pad_id, timer),
+        evaluate=evaluate,
         count_tokens=L.count_tokens,
         config=config,
         task=cfg.task,
@@ -352,10 +408,12 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     trainable, _ = methods.trainable_summary(model)
     results["trainable_params_max"] = trainable  # gradual unfreezing ends with more than it started
     results["method_settings"] = method.describe()
-    if model.pooled_cache is not None:  # linear-probe: how often the frozen backbone was skipped
+    if getattr(model, "pooled_cache", None) is not None:  # linear-probe: how often the backbone was skipped
         c = model.pooled_cache
         results["feature_cache"] = {"examples": len(c.store), "hits": c.hits, "misses": c.misses}
     results["warnings"] = list(data.notes)
+    if named is not None:  # each name's metrics at the kept step, from the "<name>.<metric>" keys
+        results["per_adapter"] = multi.per_adapter(results.get("metrics") or {}, list(named))
     results["eval_seconds"] = timer["eval_seconds"]
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
@@ -365,7 +423,11 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
 # ------------------------------------------------------------------------------------------------------ resume
 def data_digests(cfg: FinetuneConfig, run_dir: Path) -> dict:
     """sha256 of the training and validation files: a resumed run must read the very same examples."""
-    paths = {"train": runs.in_run(run_dir, cfg.data.train), "val": runs.in_run(run_dir, cfg.data.val)}
+    paths = {}
+    for side in ("train", "val"):
+        value = getattr(cfg.data, side)
+        named = multi.named_files(value, f"--{side}") or {None: value}
+        paths.update({(side if n is None else f"{side}:{n}"): runs.in_run(run_dir, f) for n, f in named.items()})
     return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items() if v and Path(v).is_file()}
 
 

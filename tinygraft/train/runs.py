@@ -46,7 +46,7 @@ from tinygraft.models.pretrained import (
 from tinygraft.peft.adapters import load_adapter_state_dict
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import DataSettings
-from tinygraft.train import methods
+from tinygraft.train import methods, multi
 from tinygraft.train.config import FinetuneConfig, FinetuneTrain, RunConfig, resolve_finetune
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 
@@ -72,6 +72,7 @@ class Loaded:
     model_cfg: GPTConfig | BERTConfig | None = None
     finetune: FinetuneConfig | None = None  # a fine-tuning run's settings
     method: methods.Method | None = None
+    adapter: str | None = None  # a multi-adapter run's adapter that `model` runs (--adapter-name)
 
 
 # --------------------------------------------------------------------------------------------------------- paths
@@ -207,11 +208,16 @@ def load(
     device: torch.device | str = "cpu",
     target: str | None = None,
     new_head: bool = False,
+    adapter: str | None = None,
 ) -> Loaded:
     """The model `spec` names, in eval mode on `device` (see the module docstring). `which`: 'latest' or 'best' for
     a run (None: its kept checkpoint); `target` / `new_head`: how a pretrained directory is read (models/pretrained.py:
-    load_pretrained_model)."""
+    load_pretrained_model); `adapter`: which adapter of a multi-adapter run (finetune --train NAME=FILE ...)."""
     kind, path, step_dir = locate_spec(spec, which)
+    if adapter is not None and kind != "finetune":
+        raise TinygraftError(
+            f"--adapter-name picks an adapter of a run fine-tuned with --train NAME=FILE; {str(spec)!r} is not one"
+        )
     if kind == "huggingface":
         pre = load_pretrained(path, target, new_head=new_head)
         base = path if not pre.report.new_heads else None
@@ -226,7 +232,7 @@ def load(
             base_file=base,
         )
     elif kind == "finetune":
-        loaded = _finetuned(path, step_dir)
+        loaded = _finetuned(path, step_dir, adapter)
     else:
         loaded = _pretrained_run(path, step_dir)
     loaded.model = loaded.model.to(device).eval()
@@ -344,9 +350,15 @@ def read_finetune(config: dict) -> FinetuneConfig:
     return resolve_finetune(upgrade(config)["finetune"], None, {}, None)
 
 
-def _finetuned(path: Path, step_dir: Path) -> Loaded:
+def _finetuned(path: Path, step_dir: Path, adapter: str | None = None) -> Loaded:
     ckpt = _checkpoint(step_dir)
     config = upgrade(ckpt.config)
+    names = config.get("adapters")
+    if names is None and adapter is not None:
+        raise TinygraftError(f"{str(path)!r} trained one adapter, so there is none to pick with --adapter-name; "
+                             "drop it")  # fmt: skip
+    if names is not None:
+        return _multi(path, ckpt, config, names, adapter)
     ft = read_finetune(config)
     task = get_task(ft.task)
     method = methods.make_method(ft.method, ft.method_settings)
@@ -363,3 +375,25 @@ def _finetuned(path: Path, step_dir: Path) -> Loaded:
     method.load_state_dict(model, ckpt.model)
     tokenizer = TextTokenizer.load(ckpt.tokenizer_path)
     return Loaded("finetune", path, model, tokenizer, config, ckpt, label_map=label_map, finetune=ft, method=method)
+
+
+def _multi(path: Path, ckpt, config: dict, names: list[str], adapter: str | None) -> Loaded:
+    """One adapter (and its head) of a multi-adapter run, over the base its base.json records."""
+    if adapter is None:
+        raise TinygraftError(f"{str(path)!r} holds {len(names)} adapters ({', '.join(names)}); choose one with "
+                             "--adapter-name NAME")  # fmt: skip
+    if adapter not in names:
+        raise TinygraftError(f"{str(path)!r} has no adapter named {adapter!r} (its adapters: {', '.join(names)})")
+    ft = read_finetune(config)
+    task = get_task(ft.task)
+    record = read_base_record(ckpt.path)
+    inner = methods.make_method(ft.method, ft.method_settings)
+    method = multi.MultiAdapter(type(inner)(ft.method_settings, record["path"], record["sha256"]), names)
+    backbone = load_pretrained_model(locate(record["path"]))
+    maps = {n: LabelMap.from_dict(config["labels"][n]) if config["labels"].get(n) else None for n in names}
+    heads = {n: build_head(task, backbone, ft.task_settings, maps[n], config["head"][n]) for n in names}
+    model = method.attach(multi.MultiTaskModel(backbone, heads))
+    method.load_state_dict(model, ckpt.model)
+    tokenizer = TextTokenizer.load(ckpt.tokenizer_path)
+    return Loaded("finetune", path, model.task_model(adapter), tokenizer, config, ckpt, label_map=maps[adapter],
+                  finetune=ft, method=method.inner, adapter=adapter)  # fmt: skip

@@ -109,7 +109,8 @@ class AdapterMethod(Method):
         record = read_base_record(step_dir)
         return cls(cls.settings_from_checkpoint(Path(step_dir)), record["path"], record["sha256"])
 
-    def add(self, root: nn.Module) -> None:
+    def add(self, root: nn.Module, name: str = adapters.DEFAULT_ADAPTER) -> None:
+        """Add adapter `name` (a multi-adapter run adds one per name) to `root`."""
         raise NotImplementedError
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from tinygraft.peft.adapters import DEFAULT_ADAPTER
 from tinygraft.peft.bottleneck import BottleneckConfig, add_bottleneck
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.train.methods.adapter import AdapterMethod
@@ -34,9 +35,9 @@ class Houlsby(AdapterMethod):
         return BottleneckConfig(int(c["reduction"]), c["non_linearity"], targets if isinstance(targets, str) else
                                 ",".join(targets))  # fmt: skip
 
-    def add(self, root: nn.Module) -> None:
+    def add(self, root: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
         s = self.settings
-        add_bottleneck(root, self.name, s.adapter_targets, s.adapter_reduction, s.adapter_act)
+        add_bottleneck(root, self.name, s.adapter_targets, s.adapter_reduction, s.adapter_act, adapter_name=name)
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from tinygraft.peft.adapters import DEFAULT_ADAPTER
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.peft.ia3 import IA3Config, add_ia3
 from tinygraft.train.methods.adapter import AdapterMethod
@@ -35,9 +36,9 @@ class IA3Method(AdapterMethod):
         c = read_adapter_config(step_dir)
         return IA3Config(_text(c["target_modules"]), _text(c["feedforward_modules"]))
 
-    def add(self, root: nn.Module) -> None:
+    def add(self, root: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
         s = self.settings
-        add_ia3(root, s.ia3_targets, s.ia3_feedforward)
+        add_ia3(root, s.ia3_targets, s.ia3_feedforward, adapter_name=name)
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)

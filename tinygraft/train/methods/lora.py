@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from tinygraft.peft.adapters import DEFAULT_ADAPTER
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.peft.lora import LoRAConfig, add_lora_config, lora_layers
 from tinygraft.train.methods.adapter import AdapterMethod
@@ -44,8 +45,8 @@ class LoRAMethod(AdapterMethod):
             "pissa" if c.get("init_lora_weights") == "pissa" else "default",
         )
 
-    def add(self, root: nn.Module) -> None:
-        add_lora_config(root, self.settings)
+    def add(self, root: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
+        add_lora_config(root, self.settings, adapter_name=name)
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)

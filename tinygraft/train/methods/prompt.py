@@ -14,6 +14,7 @@ from torch import nn
 
 from tinygraft.errors import TinygraftError
 from tinygraft.models.pretrained import load_tokenizer, locate
+from tinygraft.peft.adapters import DEFAULT_ADAPTER
 from tinygraft.peft.files import CONFIG_NAME, adapter_config, read_adapter_config
 from tinygraft.peft.prompt import PrefixConfig, PromptConfig, add_prefix_tuning, add_prompt_tuning
 from tinygraft.train.methods.adapter import AdapterMethod
@@ -34,14 +35,14 @@ class PromptTuning(AdapterMethod):
     def settings_from_checkpoint(cls, step_dir: Path) -> PromptConfig:
         return PromptConfig(int(read_adapter_config(step_dir)["num_virtual_tokens"]), "random")
 
-    def add(self, root: nn.Module) -> None:
+    def add(self, root: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
         s = self.settings
         ids = None
         if s.prompt_init.startswith("text:"):
             if self.base is None:
                 raise TinygraftError("--prompt-init text:... reads the base model's tokenizer, and this base has none")
             ids = torch.tensor(load_tokenizer(locate(self.base)).encode(s.prompt_init[len("text:") :]))
-        add_prompt_tuning(root, s.num_virtual_tokens, s.prompt_init, init_ids=ids)
+        add_prompt_tuning(root, s.num_virtual_tokens, s.prompt_init, init_ids=ids, adapter_name=name)
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)
@@ -64,9 +65,10 @@ class PrefixTuning(AdapterMethod):
         return PrefixConfig(int(c["num_virtual_tokens"]), bool(c.get("prefix_projection", False)),
                             int(c.get("encoder_hidden_size") or 512), c.get("prefix_positions", "after"))  # fmt: skip
 
-    def add(self, root: nn.Module) -> None:
+    def add(self, root: nn.Module, name: str = DEFAULT_ADAPTER) -> None:
         s = self.settings
-        add_prefix_tuning(root, s.num_virtual_tokens, s.prefix_projection, s.prefix_hidden, s.prefix_positions)
+        add_prefix_tuning(root, s.num_virtual_tokens, s.prefix_projection, s.prefix_hidden, s.prefix_positions,
+                          adapter_name=name)  # fmt: skip
 
     def peft_config(self, root: nn.Module) -> tuple[str, dict]:
         return CONFIG_NAME, adapter_config(root, base_model_name_or_path=self.base)
