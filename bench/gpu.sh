@@ -97,6 +97,10 @@ for extra in kd_loss peft ddp_scaling; do  # written by later issues; each takes
         echo "== extras:$extra: bench/$extra.py does not exist yet"
     fi
 done
+# Activation checkpointing per method, with and without (GPU: GPT-2 124M, B 8 x T 1024, bf16). The dry run takes toy
+# shapes and two methods: on a CPU each row's peak comes from the profiler's memory timeline.
+stage extras:activation_checkpointing 60 "$PY" -m bench.activation_checkpointing \
+    $([ "$DRY" = 1 ] && echo --quick --budget-s 0.05 --batch 2 --seq 32 --methods full,prefix-tuning)
 stage summary 30 "$PY" -m bench.gpu_summary "$RESULTS" $([ "$DRY" = 1 ] && echo --dry-run)
 failed=$(awk -F'\t' 'NR > 1 && $2 != 0' "$STATUS" | wc -l)
 echo "done: $RESULTS/summary.md; $failed stage(s) did not finish cleanly"

@@ -123,3 +123,16 @@ def test_bad_named_files_are_one_sentence(env, tmp_path, capsys):
     assert code == 2 and "given twice" in err
     code, _, err = run(["predict", tmp_path / "nothing", "--adapter-name", "x", "--input", env["a_val"]], capsys)
     assert code == 2
+
+
+def test_a_multi_adapter_run_resumes_exactly_and_with_activation_checkpointing(env, tmp_path):
+    common = ["finetune", "--from", env["bert"], "--steps", 4, "--batch-size", 8, "--max-length", 32, "--eval-every",
+              2, "--method", "ia3", *named(env)]  # fmt: skip
+    assert main([str(a) for a in [*common, "--out", tmp_path / "whole"]]) == 0
+    assert main([str(a) for a in [*common, "--out", tmp_path / "part", "--stop-at", 2]]) == 0
+    again = ["finetune", "--out", tmp_path / "part", "--resume", "--set", "train.activation_checkpointing=true"]
+    assert main([str(a) for a in again]) == 0
+    whole, part = (load_file(str(checkpoint.resolve(tmp_path / d) / "model.safetensors")) for d in ("whole", "part"))
+    assert whole.keys() == part.keys()
+    for k in whole:
+        torch.testing.assert_close(part[k], whole[k], rtol=1e-5, atol=1e-6)

@@ -1,13 +1,17 @@
-"""The building blocks GPT and BERT share: multi-head attention over the kernel, the GELU feed-forward, the KV cache.
+"""The building blocks GPT and BERT share: multi-head attention over the kernel, the GELU feed-forward, the KV cache,
+and activation checkpointing of their blocks.
 
 The models keep their own projection layers, named as in the Hugging Face checkpoints (GPT-2's fused `c_attn`,
 BERT's separate `query`/`key`/`value`), so checkpoints and LoRA adapters map one to one. What happens between the
 projections is written once, here.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinygraft.kernels.attention import flash_attention
 from tinygraft.kernels.backend import backend_for
@@ -113,3 +117,56 @@ def multi_head_attention(
         k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
     y = flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(B, T, C)
+
+
+# ------------------------------------------------------------------------------------------ activation checkpointing
+# Attributes that adapter layers (peft/adapters.py) read in their forward and that code outside the model sets:
+# which adapter runs, and in a mixed batch each row's. A block recomputed in backward sees the values its forward saw.
+CALL_STATE = ("active_adapter", "row_adapters")
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> int:
+    """Turn activation checkpointing on or off in every GPT / BERT inside `model` (a TaskModel's backbone, a
+    BERTForMaskedLM's encoder); returns how many models took it."""
+    found = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+    for m in found:
+        m.activation_checkpointing = on
+    return len(found)
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
+    """block(*args); with `checkpointed`, in training and with grad on, its activations are not kept for backward
+    but recomputed there from the inputs (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): less
+    memory, about one more forward of compute.
+
+    Non-reentrant checkpointing (use_reentrant=False): gradients reach every tensor the block reads, parameters and
+    inputs alike, so a prefix-tuning prefix trains behind frozen blocks (reentrant checkpointing with frozen inputs
+    gives it none: peft#869, adapters#732). The RNG state is saved and restored for the recomputation, so dropout --
+    nn.Dropout's and the seeds our attention and LoRA kernels draw from torch's RNG (kernels/rng.py) -- repeats the
+    forward's masks. The adapter selection (CALL_STATE) is replayed too, so a mixed batch's backward may run after
+    its `with` block. The caller never checkpoints a forward that writes a KV cache (recomputing would write again).
+    """
+    if not (checkpointed and block.training and torch.is_grad_enabled()):
+        return block(*args)
+    if torch.compiler.is_compiling():  # the traced graph fixes the adapter selection itself
+        return checkpoint(block, *args, use_reentrant=False)
+    return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: _replay_call_state(block))
+
+
+def _replay_call_state(block: nn.Module):
+    """(forward context, recomputation context): the second sets CALL_STATE as the forward found it, then puts back
+    what it is at backward time."""
+    seen = [(m, name, getattr(m, name)) for m in block.modules() for name in CALL_STATE if hasattr(m, name)]
+
+    @contextlib.contextmanager
+    def replay():
+        now = [getattr(m, name) for m, name, _ in seen]
+        for m, name, value in seen:
+            setattr(m, name, value)
+        try:
+            yield
+        finally:
+            for (m, name, _), value in zip(seen, now):
+                setattr(m, name, value)
+
+    return contextlib.nullcontext(), replay()

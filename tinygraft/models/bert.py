@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention
+from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention, run_block
 from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.peft.prompt import virtual_tokens_of
@@ -173,6 +173,7 @@ class BERT(nn.Module):
         self.encoder = BERTEncoder(config)
         self.pooler = BERTPooler(config) if add_pooler else None
         self.apply(init_weights)
+        self.activation_checkpointing = False  # recompute each layer in backward (core/layers.py: run_block)
 
     def forward(
         self,
@@ -198,7 +199,8 @@ class BERT(nn.Module):
         real = (lambda h: h[:, n_prompt:]) if n_prompt else (lambda h: h)  # noqa: E731
         states = [real(x)] if output_hidden_states else None
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, key_padding_mask, prefixes[i] if prefixes is not None else None)
+            prefix = prefixes[i] if prefixes is not None else None
+            x = run_block(layer, self.activation_checkpointing, x, key_padding_mask, prefix)
             if states is not None:
                 states.append(real(x))
         x = real(x)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention
+from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention, run_block
 from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.peft.prompt import virtual_tokens_of
@@ -103,6 +103,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf, 2017), as GPT-2
+        self.activation_checkpointing = False  # recompute each block in backward (core/layers.py: run_block)
         self.apply(init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them to the stream.
         for name, p in self.named_parameters():
@@ -143,8 +144,9 @@ class GPT(nn.Module):
         if prompt is not None:
             tokens = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
         x = self.transformer.drop(tokens + self.transformer.wpe(pos))  # (B, N + T, C)
+        checkpointed = self.activation_checkpointing and kv_cache is None  # a cache is written once, not recomputed
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, prefixes[i] if prefixes is not None else None)
+            x = run_block(block, checkpointed, x, kv_cache, prefixes[i] if prefixes is not None else None)
         if kv_cache is not None:
             if prefixes is not None:
                 kv_cache.prefix = n_prefix

@@ -29,7 +29,14 @@ from tinygraft.train import methods
 
 # What may differ between a checkpoint's config and a resumed run's; anything else is refused by name, because it
 # would change the schedule, the data or the model and the run would no longer continue the one it resumes.
-RESUMABLE_CHANGES = {"train.device", "train.keep", "train.log_every", "train.compile", "train.optimizer"}
+RESUMABLE_CHANGES = {"train.device", "train.keep", "train.log_every", "train.compile", "train.optimizer",
+                     "train.activation_checkpointing"}  # fmt: skip
+
+
+def _checkpointing_setting():
+    """The setting both jobs' `train` sections share: one meaning, one help, one flag."""
+    return setting(False, "recompute each block's activations in backward instead of keeping them: less memory, "
+                          "about 1/3 more compute")  # fmt: skip
 
 
 @dataclass
@@ -55,6 +62,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     optimizer: Literal["auto", "torch", "fused"] = "auto"  # auto: tinygraft's fused AdamW on CUDA, torch's elsewhere
     device: str = "auto"  # auto: cuda when present, else cpu (--device)
+    activation_checkpointing: bool = _checkpointing_setting()  # --set train.activation_checkpointing=true
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "keep")
@@ -259,6 +267,7 @@ class FinetuneTrain:
     optimizer: Literal["auto", "torch", "fused"] = setting(
         "auto", "AdamW: tinygraft's fused kernel on CUDA and torch's fused one elsewhere (auto), torch's, or ours"
     )
+    activation_checkpointing: bool = _checkpointing_setting()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "keep"):

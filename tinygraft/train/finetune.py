@@ -42,7 +42,7 @@ from tinygraft.train.loop import Job, Outcome, resolve_device, seed_everything, 
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
-RESUMABLE = {"train.device"}  # what a resumed fine-tuning run may change
+RESUMABLE = {"train.device", "train.activation_checkpointing"}  # what a resumed fine-tuning run may change
 
 
 @dataclass
@@ -329,6 +329,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         compile=t.compile,
         optimizer=t.optimizer,
         device=t.device,
+        activation_checkpointing=t.activation_checkpointing,
     )
     metric, higher = task.metric(cfg.task_settings)
     config = {
@@ -443,7 +444,8 @@ def check_same_run(resume, config: dict, cfg: FinetuneConfig, digests: dict) -> 
     # The base's path may move with its environment and a setting newer than the run is absent from its config;
     # the architecture, the head, the labels and the method may not change.
     old, new = flatten(runs.upgrade(resume.config)), flatten(json.loads(json.dumps(config)))
-    same = {k for k in old.keys() & new.keys() if old[k] == new[k] or k == "base" or k.endswith(".device")}
+    free = (".device", ".activation_checkpointing")  # where it runs and how it saves memory, not what it computes
+    same = {k for k in old.keys() & new.keys() if old[k] == new[k] or k == "base" or k.endswith(free)}
     differ = sorted(old.keys() & new.keys() - same)
     if differ:
         raise TinygraftError(

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tinygraft.core import checkpoint
+from tinygraft.core.layers import set_activation_checkpointing
 from tinygraft.errors import TinygraftError
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.methods.base import Method
@@ -209,6 +210,10 @@ def train(
 ) -> Outcome:
     device = resolve_device(cfg.device)
     model = job.method.attach(job.model).to(device)
+    checkpointed = cfg.activation_checkpointing
+    if not set_activation_checkpointing(model, checkpointed) and checkpointed:
+        raise TinygraftError("train.activation_checkpointing checkpoints the blocks of a tinygraft GPT or BERT; "
+                             "this model has none")  # fmt: skip
     groups = job.method.param_groups(model)
     listed = {id(p) for g in groups for p in g["params"]}
     for p in model.parameters():  # a parameter no group lists can never train
