@@ -110,14 +110,14 @@ class AdapterLayer(nn.Module):
         rows = [index.get(n, -1) for n in self.row_adapters]
         return names, torch.tensor(rows, dtype=torch.long, device=device)
 
-    def rows_of(self, x: torch.Tensor, dims: int = 1) -> int:
-        """Check that x's leading axis is the mixed batch's rows; returns how many."""
-        if x.shape[0] != len(self.row_adapters):
+    def rows_of(self, batch: int) -> int:
+        """Check that a batch of `batch` rows is the mixed batch's; returns it."""
+        if batch != len(self.row_adapters):
             raise TinygraftError(
                 f"the mixed batch names {len(self.row_adapters)} rows' adapters but the {self.kind} layer got a batch "
-                f"of {x.shape[0]}"
+                f"of {batch}"
             )
-        return x.shape[0]
+        return batch
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

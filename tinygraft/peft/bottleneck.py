@@ -114,7 +114,7 @@ class BottleneckLinear(AdapterLayer):
         """A mixed batch: each adapter runs on its own rows (gathered, then added back in place), so the rows of
         one adapter share its matmuls; adapters may differ in width and non-linearity."""
         names, idx = self.row_groups(y.device)
-        self.rows_of(y)
+        self.rows_of(y.shape[0])
         out = y
         for g, name in enumerate(names):
             rows = (idx == g).nonzero().flatten()

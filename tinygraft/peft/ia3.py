@@ -93,7 +93,7 @@ class IA3Linear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_adapters is not None:  # a mixed batch: each row gathers its own adapter's vector
             names, idx = self.row_groups(x.device)
-            rows = self.rows_of(x)
+            rows = self.rows_of(x.shape[0])
             vectors = [self.ia3_l[n].flatten() for n in names]
             width = self.in_features if self.feedforward else self.out_features
             ones = torch.ones(width, device=x.device, dtype=self.base.weight.dtype)

@@ -216,7 +216,7 @@ class LoRALinear(AdapterLayer):
         """A mixed batch: each row through its own adapter in one segmented kernel (kernels/lora_segmented.py), the
         adapters stacked and zero-padded to the largest rank; DoRA rows then take their own magnitude / norm."""
         names, idx = self.row_groups(x.device)
-        rows = self.rows_of(x)
+        rows = self.rows_of(x.shape[0])
         if not names:
             return self.base(x)
         w, bias = self.base_weight(), self.base.bias

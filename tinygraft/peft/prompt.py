@@ -171,7 +171,7 @@ class VirtualTokens(AdapterLayer):
                 return None
             return [name], None
         names, idx = self.row_groups(self.base.weight.device)
-        self.rows_of(torch.empty(batch, 0))
+        self.rows_of(batch)
         kinds = {self.is_prefix(n) for n in names}
         if not names or kinds == {not prefix}:
             return None
@@ -189,16 +189,21 @@ class VirtualTokens(AdapterLayer):
             return tables[0].unsqueeze(0).expand(batch, *tables[0].shape)
         return torch.stack(tables)[idx]  # (B, N, width): each row its own adapter's
 
+    def _current(self) -> str | None:
+        """The adapter whose lengths the batch takes: the active one, or a mixed batch's first on this layer (its
+        rows all share one kind and length, `_rows` checks)."""
+        if self.row_adapters is None:
+            return self.active_adapter
+        return next((n for n in self.row_adapters if n in self.settings), None)
+
     def virtual_count(self) -> int:
         """Virtual positions the active adapter's prompt takes (0 for a prefix or none)."""
-        name = self.active_adapter if self.row_adapters is None else next(
-            (n for n in self.row_adapters if n in self.settings), None)  # fmt: skip
+        name = self._current()
         return self.settings[name].num_virtual_tokens if name is not None and not self.is_prefix(name) else 0
 
     def prefix_count(self) -> tuple[int, bool]:
         """(prefix length, whether the real tokens' positions start after it) of the active prefix adapter."""
-        name = self.active_adapter if self.row_adapters is None else next(
-            (n for n in self.row_adapters if n in self.settings), None)  # fmt: skip
+        name = self._current()
         if name is None or not self.is_prefix(name):
             return 0, False
         config = self.settings[name]

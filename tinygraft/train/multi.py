@@ -25,7 +25,7 @@ from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import Features, TaskModel
 from tinygraft.peft import adapters
 from tinygraft.peft.files import CONFIG_NAME, adapter_config
-from tinygraft.train.methods.adapter import BASE_FILE, AdapterMethod, check_base, hf_target, weights_sha256
+from tinygraft.train.methods.adapter import BASE_FILE, AdapterMethod, hf_target
 
 NAMED = re.compile(r"^([A-Za-z_][\w-]*)=(.+)$")
 ADAPTERS, HEADS = "adapters.", "heads."
@@ -124,10 +124,7 @@ class MultiAdapter(AdapterMethod):
         if self.base is None:
             raise TinygraftError("several adapters train over a base read from a file (--from a pretrained "
                                  "directory or minilm); this base has none")  # fmt: skip
-        if self.base_sha256 is None:
-            self.base_sha256 = weights_sha256(self.base)
-        else:
-            check_base(self.base, self.base_sha256, self.label)
+        self.verify_base()
         self.inner.base, self.inner.base_sha256 = self.base, self.base_sha256
         for name in self.names:
             self.inner.add(model.backbone, name)
@@ -153,8 +150,11 @@ class MultiAdapter(AdapterMethod):
         stray = [k for k in tensors if not k.startswith((ADAPTERS, HEADS))]
         if stray:
             raise TinygraftError(f"the multi-adapter checkpoint holds {stray[0]!r}, neither an adapter nor a head")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
         for name in self.names:
-            part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
             adapters.load_adapter_state_dict(model.backbone, part(f"{ADAPTERS}{name}."), name)
             heads = part(f"{HEADS}{name}.")
             if set(heads) != set(model.heads[name].state_dict()):

@@ -122,12 +122,17 @@ class AdapterMethod(Method):
         """Where the adapters go: a TaskModel's backbone (its head trains whole), else the model itself."""
         return model.backbone if isinstance(model, TaskModel) else model
 
+    def verify_base(self) -> None:
+        """Record the base's sha256 on a new run; refuse a base whose weights changed since the checkpoint's."""
+        if self.base is None:
+            return
+        if self.base_sha256 is None:
+            self.base_sha256 = weights_sha256(self.base)
+        else:
+            check_base(self.base, self.base_sha256, self.label)
+
     def attach(self, model: nn.Module) -> nn.Module:
-        if self.base is not None:
-            if self.base_sha256 is None:
-                self.base_sha256 = weights_sha256(self.base)
-            else:
-                check_base(self.base, self.base_sha256, self.label)
+        self.verify_base()
         self.add(self.root(model))
         model.requires_grad_(False)
         for p in adapters.adapter_parameters(self.root(model)) + self._saved_params(model):
