@@ -23,3 +23,10 @@ def stopped_run(out: Path, corpus: Path, steps: int, stop_at: int) -> Path:
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         assert main([str(a) for a in args]) == 0
     return out
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one `tinygraft` command, the arguments stringified."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

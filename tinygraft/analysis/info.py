@@ -151,6 +151,11 @@ def format_info(d: dict) -> str:
     if sizes:
         base = f", the base's {_bytes(sizes['base'])}" if sizes["base"] else ""
         lines.append(f"weights      {_bytes(sizes['adapter'])} in the checkpoint{base}")
+    distilled = (d["config"].get("finetune") or d["config"]).get("distill") or {}
+    if distilled.get("teacher"):
+        terms = ("kd", "task", "hidden", "attention")
+        weights = ", ".join(f"{t} {distilled[t + '_weight']}" for t in terms if distilled.get(t + "_weight"))
+        lines.append(f"distilled    from {distilled['teacher']} ({weights}; T {distilled['temperature']})")
     if d["method_settings"]:
         lines.append("settings     " + ", ".join(f"{k} {v}" for k, v in d["method_settings"].items() if k != "base"))
     lines.append(f"tokens seen  {d['tokens_seen']:,}" if d["tokens_seen"] is not None else "tokens seen  unknown")

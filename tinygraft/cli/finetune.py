@@ -13,10 +13,10 @@ from tinygraft.train.config import FinetuneConfig, FinetuneTrain
 from tinygraft.train.finetune import FinetuneArgs, finetune
 
 
-def add_finetune_flags(p, compare: bool = False) -> None:
-    """The flags `finetune` and `compare` share (compare takes --methods / --seeds / --lr-for instead of --method
-    and --seed)."""
-    add_settings(p, FinetuneConfig, "", skip=("method",) if compare else ())
+def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """The flags `finetune`, `compare` and `distill` share (compare takes --methods / --seeds / --lr-for instead of
+    --method and --seed; distill takes --student instead of --from: `skip`)."""
+    add_settings(p, FinetuneConfig, "", skip=(*skip, "method") if compare else skip)
     add_settings(p, DataSettings, "data.", title="data")
     add_settings(p, FinetuneTrain, "train.", skip=("seed",) if compare else (), title="schedule")
     for task in TASKS.values():

@@ -1,8 +1,9 @@
-"""The `tinygraft` command: pretrain, finetune, predict, compare, sample, eval, info, embed, export.
+"""The `tinygraft` command: pretrain, finetune, distill, predict, compare, sample, eval, info, embed, export.
 
     pretrain   pre-train a GPT (causal LM) or BERT (masked LM) preset, or continue one `--from` a pretrained
                directory or run; `--method lora` trains adapters only
     finetune   a pretrained model + a task head on labeled data (full, linear-probe, top-k, gradual-unfreeze, lora)
+    distill    a smaller student trained from a teacher (soft labels, hidden states, attention relations)
     predict    a fine-tuned run's predictions on a file or stdin
     compare    several fine-tuning methods on one task: the transfer-learning table
     sample     text from a GPT checkpoint
@@ -20,13 +21,13 @@ import argparse
 import errno
 import sys
 
-from tinygraft.cli import compare, embed, export, finetune, info, predict, pretrain, sample
+from tinygraft.cli import compare, distill, embed, export, finetune, info, predict, pretrain, sample
 from tinygraft.cli import eval as eval_
 from tinygraft.cli.common import INTERRUPTED
 from tinygraft.errors import TinygraftError
 from tinygraft.train.plugins import load_plugins
 
-COMMANDS = (pretrain, finetune, predict, compare, sample, eval_, info, embed, export)
+COMMANDS = (pretrain, finetune, distill, predict, compare, sample, eval_, info, embed, export)
 # The environment's refusals: a read-only or full disk, a quota, a file the user may not read or write. Any other
 # OSError is a bug and keeps its traceback.
 OS_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

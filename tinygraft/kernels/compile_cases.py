@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from tinygraft.kernels import adamw_triton, attention_triton, bias_gelu_triton, lora, lora_segmented
+from tinygraft.kernels import adamw_triton, attention_triton, bias_gelu_triton, kd_loss_triton, lora, lora_segmented
 
 META = torch.device("meta")
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -25,6 +25,7 @@ KERNEL_NAMES = {
     "_seg_gemm_kernel": "gemm", "_seg_skinny_kernel": "skinny", "_seg_reduce_kernel": "reduce",
     "_bias_gelu_fwd_kernel": "fwd", "_bias_gelu_bwd_kernel": "bwd",
     "_adamw_kernel": "update", "_sq_norm_kernel": "sq_norm",
+    "_kd_rows_kernel": "rows",
 }  # fmt: skip
 
 
@@ -197,4 +198,22 @@ ADAMW = [
          lambda **_: "all"),
 ]  # fmt: skip
 
-CASES = [*ATTENTION, *LORA, *LORA_SEGMENTED, *BIAS_GELU, *ADAMW]
+
+# ---------------------------------------------------------------------------------------------------- KD loss
+def _kd_loss(dtype, divergence):
+    """One chunk of 1,024 rows over GPT-2's vocabulary (50,257: not a multiple of any BLOCK_V), some rows ignored."""
+    rows, V = 1024, 50257
+    s, t = _empty(rows, V, dtype=dtype), _empty(rows, V, dtype=dtype)
+    kd_loss_triton.kd_rows(s, t, _empty(rows, dtype=torch.bool), _empty((), dtype=FP32), 2.0, divergence, 0.5)
+
+
+# JSD first: its passes hold the most live tiles. fp32 is a case of its own so that its every candidate is built
+# under JSD too (a class is built whole only in the first row that reaches it).
+KD_LOSS = [
+    Case("kd_loss", {"dtype": [BF16, FP16], "divergence": ["jsd", "reverse", "forward"]}, _kd_loss,
+         lambda dtype, **_: kd_loss_triton.shape_class(dtype)),
+    Case("kd_loss", {"dtype": [FP32], "divergence": ["jsd", "reverse", "forward"]}, _kd_loss,
+         lambda dtype, **_: kd_loss_triton.shape_class(dtype)),
+]  # fmt: skip
+
+CASES = [*ATTENTION, *LORA, *LORA_SEGMENTED, *BIAS_GELU, *ADAMW, *KD_LOSS]

@@ -19,9 +19,16 @@ gradients with respect to h_s and W_s are computed inside the forward, one chunk
     dh_s = g W_s,   dW_s += g^T h_s
 
 so peak memory holds two (chunk, V) fp32 blocks instead of four (N, V) ones (student and teacher logits and their
-softmaxes); with GPT's tied head, dW_s reaches the token embedding through autograd. This module is the PyTorch
-path (the CPU's, and the reference a Triton kernel is checked against); `kd_divergence` is the same formula on
-logits already computed, for small vocabularies (class logits) and for tests.
+softmaxes); with GPT's tied head, dW_s reaches the token embedding through autograd. `_rows` is the PyTorch path
+(the CPU's, and the reference the Triton kernel is checked against); `kd_divergence` is the same formula on logits
+already computed, for small vocabularies (class logits) and for tests.
+
+The Triton path (CUDA tensors, or TINYGRAFT_BACKEND=triton under the interpreter; kd_loss_triton.py) keeps the
+matmuls in torch and replaces `_rows`: one kernel takes a chunk's two logits blocks, computes each row's D and
+writes g over the student's block in place, so a chunk holds the two blocks and nothing else vocabulary-wide. On
+it a head whose hidden states and weight are both bf16 multiplies in bf16 (tensor cores, half the bytes per block, as
+an eager bf16 head does), so g is stored in bf16 and each chunk's dW_s term is rounded to bf16 before it joins the
+fp32 sum; fp16 heads multiply in fp32 (g, about T / |R| * (q - p), underflows fp16), and fp64 stays on `_rows`.
 """
 
 import math
@@ -29,6 +36,7 @@ import math
 import torch
 
 from tinygraft.errors import TinygraftError
+from tinygraft.kernels import backend
 
 DIVERGENCES = ("forward", "reverse", "jsd")
 IGNORE_INDEX = -100
@@ -77,6 +85,26 @@ def kd_divergence(student_logits, teacher_logits, temperature=1.0, divergence="f
     return temperature**2 * (d * keep).sum() / n
 
 
+@torch.library.custom_op("tinygraft::kd_rows", mutates_args=("logits",))
+def _kd_rows_op(logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor,
+                temperature: float, divergence: str, beta: float) -> torch.Tensor:  # fmt: skip
+    """D per row for one chunk, `logits` overwritten with d loss / d logits (kd_loss_triton.kd_rows): opaque to
+    torch.compile, which would otherwise trace into the Triton launch."""
+    from tinygraft.kernels import kd_loss_triton as kt  # noqa: PLC0415 (Triton is imported only when its path runs)
+
+    return kt.kd_rows(logits, teacher_logits, keep, scale, temperature, divergence, beta)
+
+
+@_kd_rows_op.register_fake
+def _(logits, teacher_logits, keep, scale, temperature, divergence, beta):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _matmul_dtype(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.dtype:
+    """The dtype a head's logits are computed (and, fused, g stored) in: see the module docstring."""
+    return torch.bfloat16 if fused and h.dtype == w.dtype == torch.bfloat16 else dtype
+
+
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, keep, temperature, divergence, beta, chunk):
@@ -86,18 +114,25 @@ class _ChunkedKD(torch.autograd.Function):
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
         grad_h = torch.zeros_like(h_s) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w_s, dtype=dtype) if ctx.needs_input_grad[1] else None
-        ws, wt = w_s.to(dtype), w_t.to(dtype)
+        fused = dtype == torch.float32 and backend.backend_for(h_s, w_s, h_t, w_t) == "triton"
+        s_dtype, t_dtype = _matmul_dtype(h_s, w_s, dtype, fused), _matmul_dtype(h_t, w_t, dtype, fused)
+        ws, wt = w_s.to(s_dtype), w_t.to(t_dtype)
         for start in range(0, h_s.shape[0], chunk):
             rows = slice(start, start + chunk)
             k = keep[rows]
             if not k.any():
                 continue
-            hs = h_s[rows].to(dtype)
-            log_q = torch.log_softmax(hs @ ws.t() / temperature, -1)
-            log_p = torch.log_softmax(h_t[rows].to(dtype) @ wt.t() / temperature, -1)
-            d, du = _rows(divergence, log_q, log_p, beta)
-            loss = loss + (d * k).sum() * scale
-            g = du * (k[:, None] * (scale / temperature))  # d loss / d (h_s W_s^T): u = logits / T
+            hs, ht = h_s[rows].to(s_dtype), h_t[rows].to(t_dtype)
+            if fused:
+                g = hs @ ws.t()  # the student's logits until the kernel writes d loss / d logits over them
+                d = _kd_rows_op(g, ht @ wt.t(), k, scale, temperature, divergence, beta)
+                loss = loss + d.sum() * scale
+            else:
+                log_q = torch.log_softmax(hs @ ws.t() / temperature, -1)
+                log_p = torch.log_softmax(ht @ wt.t() / temperature, -1)
+                d, du = _rows(divergence, log_q, log_p, beta)
+                loss = loss + (d * k).sum() * scale
+                g = du * (k[:, None] * (scale / temperature))  # d loss / d (h_s W_s^T): u = logits / T
             if grad_h is not None:
                 grad_h[rows] = (g @ ws).to(h_s.dtype)
             if grad_w is not None:

@@ -94,6 +94,47 @@ class DataConfig:
 
 
 @dataclass
+class DistillSettings:
+    """Distillation (section `distill`, `tinygraft distill`; train/distill.py): the teacher, the student and the
+    weights of the loss's terms. No teacher: a plain run."""
+
+    teacher: str | None = setting(None, "the teacher: a fine-tuned run (distil its task) or a language model")
+    student: str | None = setting(None, "the student: a preset (the teacher's tokenizer), a directory or a run")
+    student_from_teacher: str | None = setting(
+        None, "build the student from the teacher's blocks: 0-based numbers like 0,2,4, or every-other"
+    )
+    kd_weight: float = setting(0.5, "weight of T^2 * D(teacher || student) over the soft labels")
+    task_weight: float = setting(0.5, "weight of the job's own loss (labels, next or masked tokens)")
+    hidden_weight: float = setting(0.0, "weight of the hidden-state loss over --layer-map")
+    attention_weight: float = setting(0.0, "weight of MiniLM's last-layer attention and value relations")
+    divergence: Literal["forward", "reverse", "jsd"] = setting("forward", "D: forward KL, reverse KL or JSD(beta)")
+    jsd_beta: float = setting(0.5, "JSD's beta: m = beta * teacher + (1 - beta) * student")
+    temperature: float = setting(2.0, "softmax temperature T of both models")
+    layer_map: str | None = setting(
+        None, "TEACHER:STUDENT layer pairs, 0 = the embeddings, i = block i (default: uniform, last to last)"
+    )
+    hidden_loss: Literal["mse", "cosine"] = setting("mse", "the hidden-state loss")
+    projection: bool = setting(True, "learn a linear map to the teacher's width when the widths differ")
+    relation_heads: int | None = setting(None, "relation heads of the attention loss (default: the student's heads)")
+
+    def __post_init__(self):
+        for name in ("kd_weight", "task_weight", "hidden_weight", "attention_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise TinygraftError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.teacher is not None and not any(
+            getattr(self, n) > 0 for n in ("kd_weight", "task_weight", "hidden_weight", "attention_weight")
+        ):
+            raise TinygraftError("every distillation weight is 0, so nothing would train; give one a weight")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise TinygraftError(f"--temperature must be a positive number, got {self.temperature}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise TinygraftError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
+        if self.relation_heads is not None and self.relation_heads < 1:
+            raise TinygraftError(f"distill.relation_heads must be at least 1, got {self.relation_heads}")
+
+
+@dataclass
 class RunConfig:
     task: str = "pretrain"
     preset: str = "gpt-tiny"  # a name from tinygraft.models.presets.PRESETS (--preset)
@@ -103,6 +144,7 @@ class RunConfig:
     method_settings: Any = field(default_factory=dict)  # the method's Settings (LoRA's r, alpha, targets, ...)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillSettings = field(default_factory=DistillSettings)  # a teacher: `tinygraft distill`
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -297,6 +339,7 @@ class FinetuneConfig:
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
     task_settings: Any = field(default_factory=dict)  # the task's Settings
     method_settings: Any = field(default_factory=dict)  # the method's Settings
+    distill: DistillSettings = field(default_factory=DistillSettings)  # a teacher: `tinygraft distill`
 
 
 def resolve_finetune(base: dict | None, file: dict | None, flags: dict, sets: list[str] | None) -> FinetuneConfig:

@@ -36,7 +36,7 @@ from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import say
 from tinygraft.train import config as C
-from tinygraft.train import methods, multi, runs
+from tinygraft.train import distill, methods, multi, runs
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
 from tinygraft.train.loop import Job, Outcome, resolve_device, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
@@ -76,6 +76,7 @@ class Base:
     pooling: str | None  # the checkpoint's sentence-transformers pooling, as a head pooling
     base_file: Path | None  # the directory the backbone's weights are, byte for byte (an adapter's base)
     loaded: runs.Loaded | None = None  # a fine-tuned run's (its head may be reused)
+    head: object = None  # a head that comes with the backbone (a student built from its teacher)
 
 
 def load_base(spec: str) -> Base:
@@ -93,6 +94,25 @@ def load_base(spec: str) -> Base:
     if next(adapter_layers(model), None) is not None:  # a LoRA pre-training run comes with its adapter merged
         model = unload(model, merge=True)
     return Base(unwrap(model), loaded.tokenizer, record_name(path), None, None)
+
+
+def distill_base(cfg: FinetuneConfig, teacher) -> Base:
+    """The student of a fine-tuned teacher, as a base: its task must be the teacher's."""
+    if teacher.kind != "finetune":
+        raise TinygraftError(f"--teacher '{teacher.source}' is not a fine-tuned run, so it has no task to distil")
+    if teacher.loaded.finetune.task != cfg.task:
+        raise TinygraftError(
+            f"--teacher '{teacher.source}' was fine-tuned on {teacher.loaded.finetune.task}, not {cfg.task}; "
+            "the student learns the teacher's task"
+        )
+    distill.check_choice(cfg.distill)
+    student = cfg.distill.student
+    if cfg.distill.student_from_teacher is None and not distill.is_preset(student):
+        base = load_base(student)
+        distill.check_tokenizers(teacher.tokenizer, base.tokenizer, f"--student '{student}'")
+        return base
+    backbone, head = distill.task_student(cfg.distill, teacher)
+    return Base(backbone, teacher.tokenizer, cfg.source, None, None, head=head)
 
 
 def backbone_spec(model: TaskModel) -> dict:
@@ -244,7 +264,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     method = methods.make_method(cfg.method, cfg.method_settings, "finetune")  # an unknown name fails before loading
     resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    base = load_base(runs.in_run(run_dir.path, cfg.source))
+    teacher = distill.load_teacher(runs.in_run(run_dir.path, cfg.distill.teacher)) if cfg.distill.teacher else None
+    base = distill_base(cfg, teacher) if teacher is not None else load_base(runs.in_run(run_dir.path, cfg.source))
     tokenizer = base.tokenizer
     if tokenizer is None:
         raise TinygraftError(f"--from '{base.source}' has no tokenizer")
@@ -259,9 +280,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         if multi.named_files(cfg.data.val, "--val") is not None:
             raise TinygraftError("--val NAME=FILE names an adapter, but --train gives one plain file; name both")
         cfg = with_demo(cfg, run_dir.path)
-        data = prepare_data(cfg, run_dir.path, tokenizer, base.loaded)
+        data = prepare_data(cfg, run_dir.path, tokenizer, teacher.loaded if teacher is not None else base.loaded)
         loaded = base.loaded if base.loaded is not None and base.loaded.finetune.task == cfg.task else None
-        head = (
+        head = base.head or (
             loaded.model.head
             if loaded is not None
             else task.make_head(base.backbone, cfg.task_settings, data.label_map, base.pooling)
@@ -271,6 +292,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         labels = data.label_map.to_dict() if data.label_map is not None else None
         head_desc = {"task": task.name, **task.describe_head(head)}
     else:
+        if teacher is not None:
+            raise TinygraftError("--train NAME=FILE trains several adapters; distil one task at a time")
         if not isinstance(method, AdapterMethod):
             raise TinygraftError(
                 f"--train NAME=FILE trains one adapter per name; --method {cfg.method} is not an adapter method "
@@ -294,6 +317,10 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         head_desc = {n: {"task": task.name, **task.describe_head(h)} for n, h in heads.items()}
         method = multi.MultiAdapter(method, list(by_name))
     model.train()
+    distiller = None
+    if teacher is not None:  # each example carries its index: the teacher's outputs are cached by it
+        distiller = distill.Distiller(cfg.distill, teacher.model, model, task_loss, "task")
+        data.train[:] = [{**f, "example": i} for i, f in enumerate(data.train)]
     batcher = L.LabeledBatcher(data.train, cfg.train.batch_size, pad_id, seed=cfg.train.seed)
     steps = cfg.train.steps or cfg.train.epochs * batcher.steps_per_epoch
     if isinstance(method, AdapterMethod):
@@ -394,6 +421,10 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     )
     if t.patience is not None:
         _add_early_stop(job, t.patience, eval_every)
+    if distiller is not None:
+        device = resolve_device(t.device)
+        fill = lambda: distiller.fill_cache(data.train, t.eval_batch_size, pad_id, device)  # noqa: E731
+        distill.attach(job, distiller, teacher, evaluate, device, fill)
     if resume is not None:
         say(f"resuming {str(run_dir.path)!r} from step {resume.step} of {steps}")
     say(
@@ -415,6 +446,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     results["warnings"] = list(data.notes)
     if named is not None:  # each name's metrics at the kept step, from the "<name>.<metric>" keys
         results["per_adapter"] = multi.per_adapter(results.get("metrics") or {}, list(named))
+    if distiller is not None:
+        results["distill"].update(distill.task_report(run_dir.path, teacher, model, data.val, pad_id, t, results))
     results["eval_seconds"] = timer["eval_seconds"]
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from tinygraft.core import checkpoint
@@ -45,6 +47,8 @@ from tinygraft.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from tinygraft.train.plots import plot_metrics
 from tinygraft.train.progress import Progress
 from tinygraft.train.run_dir import PLOT, RunDir
+
+AUX_FILE = "aux.safetensors"
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Job:
     loss_terms: list[Callable[[nn.Module, Any], torch.Tensor]] = field(default_factory=list)
     # Regularisers that combine with any method, each with .penalty(model) -> scalar tensor | None (EWC, say).
     regularizers: list[Any] = field(default_factory=list)
+    # Modules that train beside the model but are no part of it (distillation's projections): their own optimizer
+    # group, saved in every checkpoint as AUX_FILE, never in the model's weights (so export and predict ignore them).
+    aux: nn.Module | None = None
 
 
 @dataclass
@@ -219,6 +226,9 @@ def train(
     for p in model.parameters():  # a parameter no group lists can never train
         if id(p) not in listed:
             p.requires_grad_(False)
+    aux = job.aux.to(device) if job.aux is not None and len(list(job.aux.parameters())) else None
+    if aux is not None:
+        groups = [*groups, {"params": list(aux.parameters()), "name": "aux"}]
     optimizer = build_optimizer(
         param_groups(model, groups, cfg.weight_decay), cfg.optimizer, device, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps
     )
@@ -226,6 +236,8 @@ def train(
     best = {"metric": job.metric, "value": None, "step": None}
     if resume is not None:
         job.method.load_state_dict(model, {k: v.to(device) for k, v in resume.model.items()})
+        if aux is not None:
+            load_aux(aux, resume.path, device)
         if resume.optimizer is None:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} holds no optimizer state, so it cannot be resumed")
         check_optimizer_state(optimizer, resume.optimizer, repr(str(resume.path)))
@@ -280,7 +292,7 @@ def train(
             trainer_state=state,
             config=job.config,
             tokenizer_json=job.tokenizer_json,
-            extra_files=job.method.extra_files(model),
+            extra_files={**job.method.extra_files(model), **aux_files(aux)},
             keep=cfg.keep,
             best=is_best,
         )
@@ -417,6 +429,24 @@ def add_terms(loss: torch.Tensor, job: Job, model: nn.Module, step_model: nn.Mod
         if extra is not None:
             loss = loss + extra
     return loss
+
+
+def aux_files(aux: nn.Module | None) -> dict:
+    if aux is None:
+        return {}
+    return {AUX_FILE: st_save({k: v.detach().contiguous().cpu() for k, v in aux.state_dict().items()})}
+
+
+def load_aux(aux: nn.Module, step_dir: Path, device: torch.device) -> None:
+    """The aux modules' tensors of a checkpoint (checkpoint.load has checked the file's sha256)."""
+    path = step_dir / AUX_FILE
+    if not path.is_file():
+        raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {AUX_FILE} is missing")
+    tensors = st_load(path.read_bytes())
+    try:
+        aux.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+    except RuntimeError:
+        raise TinygraftError(f"{AUX_FILE} in {str(step_dir)!r} does not fit this run's modules") from None
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:

@@ -24,10 +24,11 @@ from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
 from tinygraft.models.presets import build_model, family, get_preset
 from tinygraft.models.pretrained import inspect, load_pretrained_model, locate, record_name, resolve_pretrained
+from tinygraft.models.student import student_from_teacher
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks.lm import objective_for, unigram_entropy
 from tinygraft.train import config as C
-from tinygraft.train import methods, runs
+from tinygraft.train import distill, methods, runs
 from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, train
 from tinygraft.train.methods.adapter import AdapterMethod, check_base, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
@@ -74,6 +75,7 @@ class PretrainArgs:
     new_head: bool = False  # --new-head: give a BERT source without a masked-LM head a fresh one
     method: str | None = None  # full (default) or an adapter method
     method_settings: dict = field(default_factory=dict)  # the method flags given: {"r": 4, ...}; absent = default
+    distill: dict = field(default_factory=dict)  # `tinygraft distill`'s settings given: {"teacher": ..., ...}
 
 
 def say(message: str) -> None:
@@ -210,6 +212,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
              "method": args.method}  # fmt: skip
     flags = {k: v for k, v in flags.items() if v is not None}
     flags.update({f"method_settings.{k}": v for k, v in args.method_settings.items() if v is not None})
+    flags.update({f"distill.{k}": v for k, v in args.distill.items() if v is not None})
     file = load_toml(args.config) if args.config else None
     if args.stop_at is not None and args.stop_at < 1:
         raise TinygraftError(f"--stop-at must be at least 1, got {args.stop_at}")
@@ -217,7 +220,16 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         raise TinygraftError("--new-head applies to a BERT loaded with --from; a model built from a preset has one")
     run_dir.check(resume=args.resume, overwrite=args.overwrite)  # (an old run is deleted only once all is checked)
 
-    resume, source, tokenizer = None, None, None
+    resume, source, tokenizer, teacher = None, None, None, None
+    if args.distill.get("teacher") is not None and not args.resume:
+        teacher = distill.load_teacher(args.distill["teacher"])
+        if teacher.kind == "finetune":
+            raise TinygraftError(f"--teacher '{teacher.source}' is a fine-tuned run; distil its task with --train")
+        tokenizer = teacher.tokenizer
+        if args.distill.get("student_from_teacher") is not None:
+            layers = distill.student_layers(C.DistillSettings(**args.distill))
+            model = student_from_teacher(teacher.model, layers).requires_grad_(True).train()
+            source = Source(Path(teacher.source), model, teacher.tokenizer, None, [], [])
     if args.resume:
         resume = checkpoint.load(run_dir.path)
         saved = runs.upgrade(resume.config)
@@ -239,12 +251,14 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} is incomplete: tokenizer.json is missing")
         tokenizer = TextTokenizer.load(resume.tokenizer_path)
         say(f"resuming {str(run_dir.path)!r} from step {resume.step} of {run.train.steps}")
-    elif args.from_ is not None:
-        source = load_source(args.from_, new_head=args.new_head)
+    elif args.from_ is not None or source is not None:
+        source = source or load_source(args.from_, new_head=args.new_head)
         for note in source.notes:
             say(f"note: {note}")
         run, model_cfg = resolve_from(source, file, flags, args.sets)
         method = build_method(run, source, None)
+        if teacher is not None:
+            distill.check_tokenizers(teacher.tokenizer, source.tokenizer, f"--student '{source.path}'")
         tokenizer = source.tokenizer
     else:
         run, model_cfg = C.resolve(None, file, flags, args.sets)
@@ -264,6 +278,10 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     # A checkpoint's embedding (resumed or --from) keeps its rows; only a new model takes the tokenizer's size.
     fixed = {"vocab_size"} if resume or source else C.explicit_model_keys(file, args.sets)
     model_cfg = check_fit(run, model_cfg, tokenizer, fixed)
+    if teacher is not None and source is None:  # a preset student: the teacher's vocabulary, not only its tokenizer
+        model_cfg = distill.preset_config(run.preset, teacher.model, model_cfg)
+    if run.distill.teacher is not None and teacher is None:
+        teacher = distill.load_teacher(runs.in_run(run_dir.path, run.distill.teacher))
     cache = TokenCache.build(documents, tokenizer, val_fraction=run.data.val_fraction)
     if resume and resume.trainer_state.get("token_cache", cache.key) != cache.key:
         raise TinygraftError(
@@ -274,15 +292,18 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         raise TinygraftError("the corpus is too small to hold out validation tokens; give it more text")
     config = {"format": runs.FORMAT, **C.full_dict(run, model_cfg)}
     device = resolve_device(run.train.device)
+    t = run.train
+    seed_everything(t.seed)
+    model = initial_model(model_cfg, source, method)
+    objective = objective_for(family(model_cfg))
+    # A distillation that cannot be (a layer out of range, widths without a projection) is refused before the
+    # run directory is touched.
+    distiller = distill.Distiller(run.distill, teacher.model, model, objective.loss, "lm") if teacher else None
     run_dir.prepare(resume=args.resume, overwrite=args.overwrite)
     if not resume:
         run_dir.write_config(config)
 
-    t = run.train
-    seed_everything(t.seed)
-    model = initial_model(model_cfg, source, method)
     eval_len = min(t.seq_len, len(cache.val) - 1)
-    objective = objective_for(fam)
     mask_prob = run.data.mask_prob
     batcher = objective.batcher(cache.train, t.batch_size, t.seq_len, tokenizer, t.seed, mask_prob)
     evaluate = objective.evaluator(cache.val, tokenizer, t.batch_size, eval_len, t.eval_batches, mask_prob, device)
@@ -319,6 +340,8 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         extra_state={"token_cache": cache.key},
         extra_results=extra,
     )
+    if distiller is not None:
+        distill.attach(job, distiller, teacher, evaluate, device)
     outcome = train(job, t, run_dir, resume=resume, stop_at=args.stop_at)
     final = outcome.results["metrics"].get("loss")
     if final is not None:
