@@ -13,8 +13,14 @@ from tests.train.finetune_fixtures import demo_rows, make_bert_dir, make_data, m
 from tinygraft.cli.main import main
 from tinygraft.core import checkpoint
 from tinygraft.data import labeled as L
+from tinygraft.kernels.kd_loss import kd_divergence
+from tinygraft.models.bert import BERTConfig, BERTForMaskedLM
+from tinygraft.models.gpt import GPT, GPTConfig
 from tinygraft.models.heads import TaskModel
+from tinygraft.models.student import student_from_teacher
+from tinygraft.tasks.lm import CausalLM, MaskedLM
 from tinygraft.train import distill, runs
+from tinygraft.train.config import DistillSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,3 +202,35 @@ def test_a_preset_student_takes_the_teachers_tokenizer_and_vocabulary(env, tmp_p
     assert student.model.backbone.config.vocab_size == teacher.model.backbone.config.vocab_size
     assert student.model.backbone.config.n_embd == 128 and student.tokenizer.to_json() == teacher.tokenizer.to_json()
     assert (checkpoint.resolve(out) / "aux.safetensors").is_file()  # 128 -> 32: the learned projection
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_vocabulary_soft_labels_equal_the_divergence_of_the_full_logits(family):
+    """The chunked term from the captured pre-head states equals D over the logits the models output (a masked
+    LM's separate decoder bias folded in as one more column)."""
+    torch.manual_seed(0)
+    if family == "bert":
+        cfg = BERTConfig(
+            vocab_size=40, max_position_embeddings=16, n_layer=2, n_head=2, n_embd=32, intermediate_size=40
+        )
+        teacher = BERTForMaskedLM(cfg).eval()
+        torch.nn.init.normal_(teacher.cls.predictions.bias)
+    else:
+        teacher = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    student = student_from_teacher(teacher, [1]).requires_grad_(True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 40, (2, 7))
+    labels = torch.where(torch.rand(2, 7) < 0.5, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    if family == "bert":
+        batch, loss = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, MaskedLM.loss
+        logits = lambda m: m(ids, torch.ones_like(ids))[0]  # noqa: E731
+    else:
+        batch, loss, logits = (ids, labels), CausalLM.loss, lambda m: m(ids)[0]  # noqa: E731
+    settings = DistillSettings(teacher="t", kd_weight=1.0, task_weight=0.0, temperature=1.5)
+    got = distill.Distiller(settings, teacher, student, loss, "lm")(student, batch)
+    with torch.no_grad():
+        want = kd_divergence(logits(student), logits(teacher), 1.5, "forward", mask=labels != -100)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)

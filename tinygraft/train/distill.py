@@ -204,12 +204,12 @@ class Distiller:
             out = self.base_loss(model, batch) if self.mode != "task" else model(batch)
         out_s, task = out if self.mode == "task" else (None, out)
         loss = self.s.task_weight * task if self.s.task_weight > 0 else task * 0.0
-        need_teacher = self.pairs or self.heads or self.vocab or (self.s.kd_weight > 0 and self.cache is None)
+        need_teacher = self.pairs or self.heads or (self.s.kd_weight > 0 and (self.vocab or self.cache is None))
         out_t = None
         if need_teacher:
             with self._taps(self.teacher, 0) as tap_t:
                 out_t = self._teacher_forward(batch)
-        mask, labels = self._masks(batch)
+        mask = self._masks(batch)[0]
         if self.s.kd_weight > 0:
             loss = loss + self.s.kd_weight * self._soft(
                 model, batch, out_s, out_t, tap_s, tap_t if need_teacher else None
