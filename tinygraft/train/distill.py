@@ -36,7 +36,7 @@ from tinygraft.train import distill_losses as D
 from tinygraft.train import runs
 from tinygraft.train.config import DistillSettings
 from tinygraft.train.distill_report import examples_per_s, markdown, params_of, write_table
-from tinygraft.train.loop import rng_preserved
+from tinygraft.train.loop import rng_preserved, to_device
 
 
 @dataclass
@@ -255,7 +255,7 @@ class Distiller:
         self.cache = {}
         per_token = self.TOKEN_LEVEL + (() if hasattr(self.teacher.head, "problem") else ("logits",))
         for batch in L.eval_batches(features, batch_size, pad_id):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             out = self._teacher_forward(batch)
             lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else None
             for i, example in enumerate(batch["example"]):

@@ -15,6 +15,7 @@ import torch
 
 from tinygraft.core import checkpoint
 from tinygraft.data import labeled as L
+from tinygraft.train.loop import to_device
 
 
 def params_of(model: torch.nn.Module) -> int:
@@ -28,19 +29,15 @@ def examples_per_s(model: torch.nn.Module, features: list[dict], batch_size: int
     rows = features[:limit]
     with torch.no_grad():
         for batch in L.eval_batches(rows[:batch_size], batch_size, pad_id):
-            model(_to(batch, device))
+            model(to_device(batch, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for batch in L.eval_batches(rows, batch_size, pad_id):
-            model(_to(batch, device))
+            model(to_device(batch, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return len(rows) / max(time.perf_counter() - t0, 1e-9)
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
