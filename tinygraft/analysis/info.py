@@ -155,7 +155,11 @@ def format_info(d: dict) -> str:
     if distilled.get("teacher"):
         terms = ("kd", "task", "hidden", "attention")
         weights = ", ".join(f"{t} {distilled[t + '_weight']}" for t in terms if distilled.get(t + "_weight"))
-        lines.append(f"distilled    from {distilled['teacher']} ({weights}; T {distilled['temperature']})")
+        T = distilled.get("temperature")
+        if T is None:  # the default: 1 over a vocabulary (a language model, instruct), 2 over a task's classes
+            task = d["config"].get("task") if d["config"].get("kind") == "finetune" else None
+            T = 2.0 if task not in (None, "instruct") else 1.0
+        lines.append(f"distilled    from {distilled['teacher']} ({weights}; T {T:g})")
     if d["method_settings"]:
         lines.append("settings     " + ", ".join(f"{k} {v}" for k, v in d["method_settings"].items() if k != "base"))
     lines.append(f"tokens seen  {d['tokens_seen']:,}" if d["tokens_seen"] is not None else "tokens seen  unknown")

@@ -29,3 +29,13 @@ def adapter_name_arg(p) -> None:
     """--adapter-name, for the commands that read a run trained with several adapters (finetune --train NAME=FILE)."""
     p.add_argument("--adapter-name", metavar="NAME", help="which adapter of a run trained with --train NAME=FILE ... "
                    "(tinygraft info RUN lists them)")  # fmt: skip
+
+
+def report_args(p, name: str, chart: str) -> None:
+    """--json, --out DIR | --png PATH and --overwrite: the flags of the commands that write a report and its chart
+    (analysis/outputs.py)."""
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", help=f"write DIR/{name}.json and DIR/{name}.png ({chart})")
+    where.add_argument("--png", metavar="PATH", help=f"write the {chart} to PATH and the JSON beside it (.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace files already there")

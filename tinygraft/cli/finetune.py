@@ -9,7 +9,7 @@ from tinygraft.cli.flags import add_settings, given
 from tinygraft.tasks import TASKS
 from tinygraft.tasks.base import DataSettings
 from tinygraft.train import methods
-from tinygraft.train.config import FinetuneConfig, FinetuneTrain
+from tinygraft.train.config import FinetuneConfig, FinetuneContinual, FinetuneTrain
 from tinygraft.train.finetune import FinetuneArgs, finetune
 
 
@@ -34,6 +34,7 @@ def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = ()) -> 
 def add(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pretrained model on a labeled task")
     add_finetune_flags(p)
+    add_settings(p, FinetuneContinual, "continual.", title="adapting first, and watching for forgetting")
     p.add_argument(
         "--resume",
         action="store_true",

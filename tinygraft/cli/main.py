@@ -1,4 +1,5 @@
-"""The `tinygraft` command: pretrain, finetune, distill, predict, compare, sample, eval, info, embed, export.
+"""The `tinygraft` command: pretrain, finetune, distill, predict, compare, sample, eval, info, embed, export, cka,
+probe, forgetting.
 
     pretrain   pre-train a GPT (causal LM) or BERT (masked LM) preset, or continue one `--from` a pretrained
                directory or run; `--method lora` trains adapters only
@@ -11,6 +12,9 @@
     info       what a run, a checkpoint, a Hugging Face directory or `minilm` holds
     embed      sentence embeddings from a pretrained model or a run
     export     a run in the Hugging Face layout (adapters merged), or an adapter run's adapter in peft's layout
+    cka        how alike two checkpoints' layers are on the same texts: CKA (debiased, biased) and SVCCA
+    probe      a linear probe per layer on frozen features (classify or tokens), beside the baselines
+    forgetting continued runs side by side: their own domain's loss and each watched text's, before and after
 
 Every bad input becomes a `TinygraftError`, printed as `error: <one sentence>` with exit code 2 and no traceback;
 any other exception is a bug and keeps its traceback. Ctrl-C during training saves a checkpoint and exits 130.
@@ -21,13 +25,26 @@ import argparse
 import errno
 import sys
 
-from tinygraft.cli import compare, distill, embed, export, finetune, info, predict, pretrain, sample
+from tinygraft.cli import (
+    cka,
+    compare,
+    distill,
+    embed,
+    export,
+    finetune,
+    forgetting,
+    info,
+    predict,
+    pretrain,
+    probe,
+    sample,
+)
 from tinygraft.cli import eval as eval_
 from tinygraft.cli.common import INTERRUPTED
 from tinygraft.errors import TinygraftError
 from tinygraft.train.plugins import load_plugins
 
-COMMANDS = (pretrain, finetune, distill, predict, compare, sample, eval_, info, embed, export)
+COMMANDS = (pretrain, finetune, distill, predict, compare, sample, eval_, info, embed, export, cka, probe, forgetting)
 # The environment's refusals: a read-only or full disk, a quota, a file the user may not read or write. Any other
 # OSError is a bug and keeps its traceback.
 OS_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

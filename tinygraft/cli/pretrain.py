@@ -6,16 +6,18 @@ import sys
 from tinygraft.cli.common import INTERRUPTED, config_args
 from tinygraft.cli.flags import add_settings, given
 from tinygraft.train import methods
+from tinygraft.train.config import ContinualSettings
 from tinygraft.train.pretrain import PretrainArgs, pretrain
 
 PREFIX = "method_settings."
+KEEP = "continual."
 
 
 def add(sub) -> None:
     p = sub.add_parser("pretrain", help="pre-train a GPT (causal LM) or BERT (masked LM) preset on a corpus")
     p.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints)")
     p.add_argument("--preset", help="gpt-tiny (default), gpt2, bert-tiny, bert-base")
-    config_args(p, "data, train, model, method_settings")
+    config_args(p, "data, train, model, method_settings, continual")
     p.add_argument("--data", help="corpus: a text file, JSONL, or a directory (default: pydoc_data.topics)")
     p.add_argument("--steps", type=int, help="optimizer steps; fixes the learning-rate schedule")
     p.add_argument("--stop-at", type=int, help="stop after this step without changing the schedule")
@@ -35,6 +37,7 @@ def add(sub) -> None:
         action="store_true",
         help="with --from a BERT that has no masked-LM head (MiniLM): start one from a fresh init",
     )
+    add_settings(p, ContinualSettings, KEEP, title="continued pre-training without forgetting (with --from)")
     names = methods.names_for("pretrain")
     p.add_argument("--method", help=f"{', '.join(names)} (default full: every weight trains)")
     for name in names:
@@ -45,6 +48,7 @@ def add(sub) -> None:
 
 def run(ns) -> int:
     settings = {k[len(PREFIX) :]: v for k, v in given(ns).items() if k.startswith(PREFIX)}
+    keep = {k[len(KEEP) :]: v for k, v in given(ns).items() if k.startswith(KEEP)}
     outcome = pretrain(
         PretrainArgs(
             out=ns.out,
@@ -63,6 +67,7 @@ def run(ns) -> int:
             new_head=ns.new_head,
             method=ns.method,
             method_settings=settings,
+            continual=keep,
         )
     )
     if outcome.status == "interrupted":

@@ -1,5 +1,5 @@
-"""Batchers made of batchers: a mixture (replay of old data beside new, several tasks in one run) and a rank's
-slice of each batch (one process of several), both resumable exactly.
+"""Batchers made of batchers: mixtures (several tasks in one run; replay of old data beside new) and a rank's
+slice of each batch (one process of several), all resumable exactly.
 
 Every batcher in tinygraft has the same three methods: `next()` the next batch, `state_dict()` its position as
 plain JSON, `load_state_dict(state)` to go back there. A restored batcher yields the batch an uninterrupted one
@@ -7,6 +7,8 @@ would, so these wrappers keep that property by storing their own position beside
 
     MixtureBatcher([new, replay], weights=[0.8, 0.2], seed=0)   batch n comes from child i with probability w_i,
                                                                 drawn from (seed, n) alone
+    ReplayMix(new, old, ratio=0.25, batch_size=16)              every batch: a fraction `ratio` of its rows from
+                                                                `old` (replay), the rest from `new`
     RankSlice(batcher, rank, world)                             the rows rank::world of every batch
 """
 
@@ -59,6 +61,51 @@ class MixtureBatcher:
         self.seed, self.step, self.counts = int(state["seed"]), int(state["step"]), list(state["counts"])
         for b, s in zip(self.batchers, state["children"]):
             b.load_state_dict(s)
+
+
+class ReplayMix:
+    """Rows of two batchers in every batch: k_n = floor((n+1)·r·B) - floor(n·r·B) rows of batch n come from `old`,
+    the other B - k_n from `new`. The running total of replayed rows is floor(N·r·B) after N batches, so any window
+    holds r of its rows from `old` to within one row (exactly, when r·B is whole). Both children make a batch every
+    step and the rows past the share are dropped: the position stays (n, each child's), and a child's batch never
+    depends on how many of its rows were used."""
+
+    def __init__(self, new, old, ratio: float, batch_size: int):
+        if not 0 < ratio < 1:
+            raise TinygraftError(f"the replay ratio must lie between 0 and 1 (exclusive), got {ratio}")
+        self.new, self.old, self.ratio, self.batch_size, self.step = new, old, float(ratio), int(batch_size), 0
+
+    def replayed(self, step: int) -> int:
+        """Rows of batch `step` from `old`."""
+        share = self.ratio * self.batch_size
+        return int(np.floor((step + 1) * share + 1e-9) - np.floor(step * share + 1e-9))
+
+    def next(self):
+        k = self.replayed(self.step)
+        self.step += 1
+        a, b = self.new.next(), self.old.next()
+        return join(rows(a, slice(0, self.batch_size - k)), rows(b, slice(0, k)))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "new": self.new.state_dict(), "old": self.old.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"step", "new", "old"}:
+            raise TinygraftError(f"a replay mixture's state has keys step, new and old; got {sorted(state)}")
+        self.step = int(state["step"])
+        self.new.load_state_dict(state["new"])
+        self.old.load_state_dict(state["old"])
+
+
+def join(a, b):
+    """Two batches of one layout stacked along rows (tensors, tuples of tensors, dicts of them)."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: join(a[k], b[k]) for k in a}
+    if isinstance(a, list) and not all(isinstance(v, torch.Tensor) for v in a):
+        return a + b  # per-row values (example indices)
+    return type(a)(join(x, y) for x, y in zip(a, b))
 
 
 def rows(batch, index: slice):

@@ -112,25 +112,34 @@ class PooledCache:
     vector computed beside other pads differs from a fresh one only by float rounding (~1e-7).
 
     The cached Features hold the pooled vector as a one-token sequence: every pooling of it returns the vector.
+
+    `rows` is the cache itself, for any per-example features: it keeps what `compute(ids, mask, token_types)` returns
+    for each example of a batch. `features` keeps the pooled last layer (the linear-probe method); `tinygraft probe`
+    (analysis/probe.py) keeps every layer's pooled vector, or every layer's real tokens, from one pass per example.
     """
 
-    def __init__(self, pooling: str):
-        self.pooling = pooling
+    def __init__(self, pooling: str | None = None):
+        self.pooling = pooling  # what `features` pools with; `rows` alone needs none
         self.store: dict[bytes, torch.Tensor] = {}
         self.hits = self.misses = 0
 
     def features(self, run_backbone, ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None):
-        keys = self._keys(ids, mask, token_types)
-        if all(k in self.store for k in keys):
-            vec = torch.stack([self.store[k] for k in keys])
-            self.hits += len(keys)
-        else:
-            vec = run_backbone(ids, mask, token_types).pool(self.pooling).detach()
-            self.misses += len(keys)
-            for k, v in zip(keys, vec):
-                self.store.setdefault(k, v.clone())  # a clone: the batch's (B, C) tensor is not kept alive
+        vec = torch.stack(self.rows(lambda *a: run_backbone(*a).pool(self.pooling).detach(), ids, mask, token_types))
         one = torch.ones(vec.shape[0], 1, dtype=mask.dtype, device=mask.device)
         return Features(vec[:, None, :], one, vec if self.pooling == "pooler" else None, None)
+
+    def rows(self, compute, ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None) -> list:
+        """Each example's cached tensor; a batch holding an example not yet seen is computed whole (its rows as
+        computed, each stored unless already kept)."""
+        keys = self._keys(ids, mask, token_types)
+        if all(k in self.store for k in keys):
+            self.hits += len(keys)
+            return [self.store[k] for k in keys]
+        fresh = compute(ids, mask, token_types)  # (B, ...) or a list of B tensors
+        self.misses += len(keys)
+        for k, v in zip(keys, fresh):
+            self.store.setdefault(k, v.clone())  # a clone: the batch's tensor is not kept alive
+        return list(fresh)
 
     @staticmethod
     def _keys(ids, mask, token_types) -> list[bytes]:

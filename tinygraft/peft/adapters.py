@@ -70,6 +70,12 @@ class AdapterLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_change(self, name: str) -> dict[str, torch.Tensor]:
+        """What adapter `name` changes in the base's tensors, by local name ("weight", "bias"), in the autograd graph:
+        the merged tensor minus the base's (EWC penalises it). Empty: the adapter adds modules beside the base
+        (bottleneck, virtual tokens) and changes none of its tensors."""
+        return {"weight": self.delta_weight(name)}
+
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """What an adapter file keeps: its parameters, unless the method saves a folded form (prefix tuning's
         reparametrisation)."""

@@ -123,6 +123,9 @@ class BottleneckLinear(AdapterLayer):
             out = out.index_add(0, rows, self.adapter_up[name](act(self.adapter_down[name](h))))
         return out
 
+    def weight_change(self, name: str) -> dict[str, torch.Tensor]:
+        return {}  # modules beside the base; its tensors stay as they were
+
     def _fold(self, name: str, undo: bool) -> None:
         raise TinygraftError("bottleneck adapters are non-linear, so they do not merge into the base weights; export "
                              "the adapter with --adapter DIR, or the base and adapter as they are")  # fmt: skip

@@ -108,6 +108,17 @@ class IA3Linear(AdapterLayer):
         y = self.base(x)
         return y * scale.to(y.dtype)
 
+    def weight_change(self, name: str) -> dict[str, torch.Tensor]:
+        """(l - 1) times the rows or columns it scales, and the bias for an output vector."""
+        w, b = self.base.weight, self.base.bias
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        scale = self.ia3_l[name].flatten().to(dtype) - 1
+        along_rows = self.feedforward == self.fan_in_fan_out
+        change = {"weight": w.to(dtype) * (scale[:, None] if along_rows else scale[None, :])}
+        if b is not None and not self.feedforward:
+            change["bias"] = b.to(dtype) * scale
+        return change
+
     def _fold(self, name: str, undo: bool) -> None:
         """Merging scales the base weight's rows or columns (and the bias) by the vector; undoing divides."""
         w, b = self.base.weight, self.base.bias

@@ -256,6 +256,16 @@ class LoRALinear(AdapterLayer):
         factor = self.lora_magnitude_vector[name].detach().to(delta.dtype) / norm
         w.copy_(((w.to(delta.dtype) + delta) * rows(factor)).to(w.dtype))
 
+    def weight_change(self, name: str) -> dict[str, torch.Tensor]:
+        """LoRA's s B A; DoRA's m / ||W + s B A|| * (W + s B A) - W (the norm detached, as in its forward)."""
+        delta = self.delta_weight(name)
+        if not self.settings[name].use_dora:
+            return {"weight": delta}
+        w = self.base.weight.to(delta.dtype)
+        factor = self.lora_magnitude_vector[name].to(delta.dtype) / self.weight_norm(name)
+        factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
+        return {"weight": (w + delta) * factor - w}
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32 (fp64 for a fp64 base), shaped like base.weight ((in, out) for Conv1D)."""
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)

@@ -157,6 +157,9 @@ class VirtualTokens(AdapterLayer):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.base(idx)
 
+    def weight_change(self, name: str) -> dict[str, torch.Tensor]:
+        return {}  # modules beside the base; its tensors stay as they were
+
     def _fold(self, name: str, undo: bool) -> None:
         raise TinygraftError("prompt and prefix tuning add virtual tokens, not weights, so they do not merge into "
                              "the base; export the adapter with --adapter DIR")  # fmt: skip

@@ -109,13 +109,26 @@ class DistillSettings:
     attention_weight: float = setting(0.0, "weight of MiniLM's last-layer attention and value relations")
     divergence: Literal["forward", "reverse", "jsd"] = setting("forward", "D: forward KL, reverse KL or JSD(beta)")
     jsd_beta: float = setting(0.5, "JSD's beta: m = beta * teacher + (1 - beta) * student")
-    temperature: float = setting(2.0, "softmax temperature T of both models")
+    temperature: float | None = setting(
+        None, "softmax temperature T of both models (default: 1 over a vocabulary, 2 over a task's classes)"
+    )
     layer_map: str | None = setting(
         None, "TEACHER:STUDENT layer pairs, 0 = the embeddings, i = block i (default: uniform, last to last)"
     )
-    hidden_loss: Literal["mse", "cosine"] = setting("mse", "the hidden-state loss")
+    hidden_loss: Literal["mse", "cosine"] = setting(
+        "cosine",
+        "the hidden-state loss: 1 - cosine, or MSE (TinyBERT's; on a GPT's unnormalised residual stream it "
+        "outweighed the rest and the student ended worse, README)",
+    )
     projection: bool = setting(True, "learn a linear map to the teacher's width when the widths differ")
     relation_heads: int | None = setting(None, "relation heads of the attention loss (default: the student's heads)")
+
+    def temperature_for(self, vocabulary: bool) -> float:
+        """T as given, else 1 for a language model's vocabulary (measured in README's GPT demo: at T = 2 the student
+        ends 0.6 nats worse) and 2 for a task's class logits (Hinton et al. 2015; DistilBERT)."""
+        if self.temperature is not None:
+            return self.temperature
+        return 1.0 if vocabulary else 2.0
 
     def __post_init__(self):
         for name in ("kd_weight", "task_weight", "hidden_weight", "attention_weight"):
@@ -126,12 +139,41 @@ class DistillSettings:
             getattr(self, n) > 0 for n in ("kd_weight", "task_weight", "hidden_weight", "attention_weight")
         ):
             raise TinygraftError("every distillation weight is 0, so nothing would train; give one a weight")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise TinygraftError(f"--temperature must be a positive number, got {self.temperature}")
         if not 0.0 < self.jsd_beta < 1.0:
             raise TinygraftError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
         if self.relation_heads is not None and self.relation_heads < 1:
             raise TinygraftError(f"distill.relation_heads must be at least 1, got {self.relation_heads}")
+
+
+def _watch_setting():
+    """The setting both jobs share: one meaning, one help, one flag (train/continual.py)."""
+    help_ = ("a text to watch for forgetting at every evaluation (its held-out split: the LM loss, or the features' "
+             "drift for a model without an LM head); repeat for several")  # fmt: skip
+    return setting(None, help_, repeat=True)
+
+
+@dataclass
+class ContinualSettings:
+    """Continued pre-training that keeps what the model knew (section `continual`; train/continual.py): replay of
+    the old corpus, EWC (train/ewc.py), and texts watched for forgetting."""
+
+    replay: str | None = setting(None, "the old domain's corpus: --replay-ratio of every batch's rows come from its "
+                                       "training split")  # fmt: skip
+    replay_ratio: float = setting(0.25, "the share of every batch's rows drawn from --replay")
+    ewc: float = setting(0.0, "EWC's lambda: lambda/2 * sum F (theta - theta*)^2 over the starting weights (0: off)")
+    ewc_data: str | None = setting(None, "the old corpus EWC's Fisher is computed on (default: the --from run's own)")
+    ewc_samples: int = setting(256, "sequences EWC's Fisher averages over")
+    watch: str | list[str] | None = _watch_setting()
+
+    def __post_init__(self):
+        if not 0 < self.replay_ratio < 1:
+            raise TinygraftError(f"--replay-ratio must lie between 0 and 1 (exclusive), got {self.replay_ratio}")
+        if not (math.isfinite(self.ewc) and self.ewc >= 0):
+            raise TinygraftError(f"--ewc must be a number >= 0, got {self.ewc}")
+        if self.ewc_samples < 1:
+            raise TinygraftError(f"--ewc-samples must be at least 1, got {self.ewc_samples}")
 
 
 @dataclass
@@ -145,6 +187,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillSettings = field(default_factory=DistillSettings)  # a teacher: `tinygraft distill`
+    continual: ContinualSettings = field(default_factory=ContinualSettings)  # replay, EWC, watched texts
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -327,6 +370,23 @@ class FinetuneTrain:
 
 
 @dataclass
+class FinetuneContinual:
+    """Fine-tuning's part of adapting without forgetting (section `continual`): task-adaptive pre-training first
+    (train/adapt_first.py) and texts watched for forgetting (train/continual.py)."""
+
+    adapt_first: int = setting(0, "steps of the backbone's own LM objective on the task's training text before "
+                                  "fine-tuning (task-adaptive pre-training; 0: none)")  # fmt: skip
+    adapt_lr: float = setting(1e-4, "--adapt-first's peak learning rate (continued pre-training's)")
+    watch: str | list[str] | None = _watch_setting()
+
+    def __post_init__(self):
+        if self.adapt_first < 0:
+            raise TinygraftError(f"--adapt-first must be a number of steps >= 0, got {self.adapt_first}")
+        if not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
+            raise TinygraftError(f"--adapt-lr must be a positive number, got {self.adapt_lr}")
+
+
+@dataclass
 class FinetuneConfig:
     """A fine-tuning run: where the backbone comes from, the task and its data, the method, the schedule."""
 
@@ -340,6 +400,7 @@ class FinetuneConfig:
     task_settings: Any = field(default_factory=dict)  # the task's Settings
     method_settings: Any = field(default_factory=dict)  # the method's Settings
     distill: DistillSettings = field(default_factory=DistillSettings)  # a teacher: `tinygraft distill`
+    continual: FinetuneContinual = field(default_factory=FinetuneContinual)  # --adapt-first, watched texts
 
 
 def resolve_finetune(base: dict | None, file: dict | None, flags: dict, sets: list[str] | None) -> FinetuneConfig:

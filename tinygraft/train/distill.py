@@ -153,6 +153,7 @@ class Distiller:
         if settings.attention_weight > 0:
             self.heads = D.relation_heads(settings.relation_heads, w_t, w_s, D.core_of(student).config.n_head)
         self.vocab = mode == "lm" or getattr(getattr(student, "head", None), "family", None) == "gpt"
+        self.T = settings.temperature_for(self.vocab)
         if self.vocab:
             v_t, v_s = (self._output_layer(m).weight.shape[0] for m in (teacher, student))
             if v_t != v_s:
@@ -237,11 +238,11 @@ class Distiller:
                 h_s, h_t, labels = h_s[:, :-1], h_t[:, :-1], labels[:, 1:]
             student = (self._with_one(model, h_s), self._head_weight(model))
             teacher = (self._with_one(self.teacher, h_t), self._head_weight(self.teacher))
-            return kd_loss(*student, *teacher, labels, s.temperature, s.divergence, s.jsd_beta)
+            return kd_loss(*student, *teacher, labels, self.T, s.divergence, s.jsd_beta)
         if self.cache is not None:
             out_t = self._cached(batch)
         head = getattr(model, "_orig_mod", model).head
-        return D.output_loss(head, out_s, out_t, batch, s.temperature, s.divergence, s.jsd_beta,
+        return D.output_loss(head, out_s, out_t, batch, self.T, s.divergence, s.jsd_beta,
                              self._project if "project" in self.aux else None)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the teacher cache
@@ -284,7 +285,7 @@ class Distiller:
 
 def describe(settings: DistillSettings, distiller: Distiller, teacher: Teacher) -> str:
     s = settings
-    parts = [f"teacher {teacher.source}", f"kd {s.kd_weight} ({s.divergence}, T {s.temperature})",
+    parts = [f"teacher {teacher.source}", f"kd {s.kd_weight} ({s.divergence}, T {distiller.T:g})",
              f"task {s.task_weight}"]  # fmt: skip
     if distiller.pairs:
         shown = ",".join(f"{t}:{st}" for t, st in distiller.pairs)

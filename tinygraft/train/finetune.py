@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tinygraft.core import checkpoint
 from tinygraft.core.config import load_config_file, to_dict
 from tinygraft.data import labeled as L
@@ -35,10 +37,10 @@ from tinygraft.models.pretrained import record_name, resolve_pretrained
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import say
+from tinygraft.train import adapt_first, continual, distill, methods, multi, runs
 from tinygraft.train import config as C
-from tinygraft.train import distill, methods, multi, runs
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
-from tinygraft.train.loop import Job, Outcome, resolve_device, seed_everything, to_device, train
+from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
@@ -222,6 +224,8 @@ def normalized_flags(flags: dict, run_dir: Path) -> dict:
             out[key] = [f"{n}={runs.record_path(f, run_dir)}" for n, f in named.items()]
         elif value is not None:
             out[key] = runs.record_path(value, run_dir)
+    if out.get("continual.watch") is not None:
+        out["continual.watch"] = [continual.record(p, run_dir) for p in continual.as_list(out["continual.watch"])]
     if out.get("source") is not None and resolve_pretrained(out["source"]).exists():
         out["source"] = record_name(resolve_pretrained(out["source"]))
     return out
@@ -233,6 +237,9 @@ def resolve(args: FinetuneArgs, run_dir: RunDir):
     flags = normalized_flags(args.flags, run_dir.path)
     if not args.resume:
         return C.resolve_finetune(None, file, flags, args.sets), None
+    if adapt_first.interrupted(run_dir.path):  # stopped in --adapt-first: the fine-tuning starts afresh after it
+        saved = runs.upgrade(run_dir.read_config())
+        return C.resolve_finetune(saved["finetune"], file, flags, args.sets), None
     ckpt = checkpoint.load(run_dir.path)
     saved = runs.upgrade(ckpt.config)
     if saved.get("kind") != "finetune":
@@ -317,6 +324,14 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         head_desc = {n: {"task": task.name, **task.describe_head(h)} for n, h in heads.items()}
         method = multi.MultiAdapter(method, list(by_name))
     model.train()
+    device = resolve_device(cfg.train.device)
+    keep = continual.in_run_dir(cfg.continual, run_dir.path)
+    watchers, measure, corpora = continual.finetune_watchers(keep, model.backbone, tokenizer, cfg.data.max_length,
+                                                             cfg.train.eval_batch_size, device)  # fmt: skip
+    evaluate = continual.with_watched(evaluate, watchers)
+    if teacher is not None and cfg.continual.adapt_first:
+        raise TinygraftError("--adapt-first adapts a pretrained backbone to the task's text; a distilled student "
+                             "learns from its teacher instead, so give one or the other")  # fmt: skip
     distiller = None
     if teacher is not None:  # each example carries its index: the teacher's outputs are cached by it
         distiller = distill.Distiller(cfg.distill, teacher.model, model, task_loss, "task")
@@ -383,6 +398,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if resume is not None:
         check_same_run(resume, config, cfg, timer["data_sha256"])
         timer["eval_seconds"] = resume.trainer_state.get("eval_seconds", 0.0)
+        for key in ("adapt_first", "before_metrics"):
+            if key in resume.trainer_state:
+                timer[key] = resume.trainer_state[key]
         if args.stop_at is not None and args.stop_at <= resume.step:
             raise TinygraftError(
                 f"--stop-at {args.stop_at} is not after the checkpoint's step {resume.step}; nothing to do"
@@ -395,6 +413,16 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         for name, d in by_name.items() if named is not None else ():
             if d.label_map is not None:
                 d.label_map.save(run_dir.path / f"labels.{name}.json")
+    if cfg.continual.adapt_first and resume is None:
+        timer["adapt_first"] = adapt_first.adapt(
+            model.backbone, model.family, cfg.continual.adapt_first, cfg.continual.adapt_lr, data.train, data.val,
+            tokenizer, cfg.train, cfg.data.max_length, run_dir.path, say
+        )  # fmt: skip
+        if timer["adapt_first"]["status"] == "interrupted":
+            return Outcome("interrupted", 0, {})
+    if watchers:  # every metric where the fine-tuning starts (after --adapt-first), watched texts included
+        timer["before_metrics"] = timer.get("before_metrics") or measure_start(model, evaluate, device)
+        forgetting = continual.forgetting_results(timer["before_metrics"], corpora, cfg.data.train, measure)
     job = Job(
         model=model,
         method=method,
@@ -448,10 +476,22 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         results["per_adapter"] = multi.per_adapter(results.get("metrics") or {}, list(named))
     if distiller is not None:
         results["distill"].update(distill.task_report(run_dir.path, teacher, model, data.val, pad_id, t, results))
+    if "adapt_first" in timer:
+        results["adapt_first"] = timer["adapt_first"]
+    if watchers:
+        results["forgetting"] = forgetting
     results["eval_seconds"] = timer["eval_seconds"]
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
     return Outcome(outcome.status, outcome.step, results)
+
+
+def measure_start(model, evaluate, device) -> dict:
+    model.to(device).eval()
+    with rng_preserved(), torch.no_grad():
+        out = {k: float(v) for k, v in evaluate(model).items()}
+    model.train()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ resume

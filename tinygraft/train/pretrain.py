@@ -28,7 +28,8 @@ from tinygraft.models.student import student_from_teacher
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks.lm import objective_for, unigram_entropy
 from tinygraft.train import config as C
-from tinygraft.train import distill, methods, runs
+from tinygraft.train import continual, distill, methods, runs
+from tinygraft.train.ewc import EWC
 from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, train
 from tinygraft.train.methods.adapter import AdapterMethod, check_base, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
@@ -76,6 +77,7 @@ class PretrainArgs:
     method: str | None = None  # full (default) or an adapter method
     method_settings: dict = field(default_factory=dict)  # the method flags given: {"r": 4, ...}; absent = default
     distill: dict = field(default_factory=dict)  # `tinygraft distill`'s settings given: {"teacher": ..., ...}
+    continual: dict = field(default_factory=dict)  # replay, EWC and watch flags given: {"replay": ..., ...}
 
 
 def say(message: str) -> None:
@@ -91,6 +93,7 @@ class Source:
     base_file: Path | None  # the directory an adapter run can read its frozen base from again, byte for byte
     new_heads: list[str]
     notes: list[str]
+    loaded: runs.Loaded | None = None  # what runs.load read (a run's settings: the corpus EWC's Fisher reads)
 
 
 def load_source(spec: str, new_head: bool = False) -> Source:
@@ -121,7 +124,8 @@ def load_source(spec: str, new_head: bool = False) -> Source:
         notes.append("the run's adapter is merged into its base weights")
     model.requires_grad_(True)
     new_heads = list(loaded.report.new_heads) if loaded.report is not None else []
-    return Source(path.resolve(), model.train(), loaded.tokenizer, loaded.base_file, new_heads, notes + loaded.notes)
+    return Source(path.resolve(), model.train(), loaded.tokenizer, loaded.base_file, new_heads, notes + loaded.notes,
+                  loaded)  # fmt: skip
 
 
 def resolve_from(source: Source, file: dict | None, flags: dict, sets: list[str] | None):
@@ -199,6 +203,20 @@ def initial_model(model_cfg, source: Source | None, method: methods.Method):
     return model
 
 
+def continual_flags(given: dict, run_dir: Path) -> dict:
+    """The continual flags given, their files recorded as runs record paths (train/runs.py record_path)."""
+    out = {}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k in ("replay", "ewc_data"):
+            v = continual.record(v, run_dir)
+        elif k == "watch":
+            v = [continual.record(p, run_dir) for p in continual.as_list(v)]
+        out[k] = v
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the command
 def pretrain(args: PretrainArgs) -> Outcome:
     """The job; its run directory is held (an OS lock) from the first look at it to the end."""
@@ -213,6 +231,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     flags = {k: v for k, v in flags.items() if v is not None}
     flags.update({f"method_settings.{k}": v for k, v in args.method_settings.items() if v is not None})
     flags.update({f"distill.{k}": v for k, v in args.distill.items() if v is not None})
+    flags.update({f"continual.{k}": v for k, v in continual_flags(args.continual, run_dir.path).items()})
     file = load_toml(args.config) if args.config else None
     if args.stop_at is not None and args.stop_at < 1:
         raise TinygraftError(f"--stop-at must be at least 1, got {args.stop_at}")
@@ -299,14 +318,28 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     # A distillation that cannot be (a layer out of range, widths without a projection) is refused before the
     # run directory is touched.
     distiller = distill.Distiller(run.distill, teacher.model, model, objective.loss, "lm") if teacher else None
+    keep = continual.in_run_dir(run.continual, run_dir.path)
+    corpora = continual.watched(keep, tokenizer, run.data)
+    old = continual.replay_corpus(keep, tokenizer, run.data)
+    ewc = None
+    if keep.ewc > 0 and resume is None:
+        ewc = continual.make_ewc(keep, model, method, source, objective, tokenizer, run, device, say)
     run_dir.prepare(resume=args.resume, overwrite=args.overwrite)
     if not resume:
         run_dir.write_config(config)
+    if ewc is not None:
+        ewc.save(run_dir.path)
+    elif keep.ewc > 0:
+        ewc = EWC.load(keep.ewc, run_dir.path)
 
     eval_len = min(t.seq_len, len(cache.val) - 1)
     mask_prob = run.data.mask_prob
     batcher = objective.batcher(cache.train, t.batch_size, t.seq_len, tokenizer, t.seed, mask_prob)
+    batcher = continual.replay_batcher(keep, old, batcher, objective, tokenizer, t, mask_prob)
     evaluate = objective.evaluator(cache.val, tokenizer, t.batch_size, eval_len, t.eval_batches, mask_prob, device)
+    evaluate = continual.with_watched(
+        evaluate, continual.lm_watchers(corpora, objective, tokenizer, t, mask_prob, device)
+    )
     entropy = unigram_entropy(cache.val)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     origin = f"from {run.source}" if run.source else run.preset
@@ -322,11 +355,18 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         "preset": run.preset,
         "source": run.source,
     }
-    if source is not None:  # where continued pre-training starts: the source's own validation loss
+    before = resume.trainer_state.get("before_metrics") if resume else None
+    if resume is None and (source is not None or corpora):  # where training starts, on every text it reports
         model.to(device).eval()
         with rng_preserved(), torch.no_grad():
-            extra["source_metrics"] = {k: float(v) for k, v in evaluate(model).items()}
-        say(f"the source's val loss before training: {extra['source_metrics']['loss']:.4f}")
+            before = {k: float(v) for k, v in evaluate(model).items()}
+        model.train()
+        say(f"val loss before training: {before['loss']:.4f}"
+            + "".join(f", {k} {v:.4f}" for k, v in before.items() if k.startswith(continual.PREFIX)))  # fmt: skip
+    if source is not None and before is not None:
+        extra["source_metrics"] = before
+    if corpora:
+        extra["forgetting"] = continual.forgetting_results(before, corpora, run.data.corpus)
     job = Job(
         model=model,
         method=method,
@@ -337,8 +377,9 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         config=config,
         task="pretrain-" + objective.name,
         tokenizer_json=tokenizer.to_json(),
-        extra_state={"token_cache": cache.key},
+        extra_state={"token_cache": cache.key, **({"before_metrics": before} if before is not None else {})},
         extra_results=extra,
+        regularizers=[ewc] if ewc is not None else [],
     )
     if distiller is not None:
         distill.attach(job, distiller, teacher, evaluate, device)

@@ -26,7 +26,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 PLOT = "loss.png"
-RUN_FILES = (CONFIG, METRICS, RESULTS, "checkpoints")
+ADAPT_FIRST = "adapt-first"  # `finetune --adapt-first`'s phase: a run of its own inside the run (train/adapt_first.py)
+RUN_FILES = (CONFIG, METRICS, RESULTS, "checkpoints", ADAPT_FIRST)
 LOCK = ".lock"  # the pid of the process holding the directory (the lock itself is on the directory)
 
 

@@ -42,6 +42,7 @@ class Method:
     default_lr: float | None = None  # fine-tuning's learning rate unless --lr says otherwise
     from_lr: float | None = None  # continued pre-training's (pretrain --from), where the method applies
     alias: re.Pattern | None = None  # other names: top-k as top-2 ...
+    changes_no_weights = False  # its trained modules sit beside the weights, which never change (EWC refuses it)
     attaches_modules = False  # attach() adds modules (adapters): its param_groups need the attached model
 
     def __init__(self, settings=None):

@@ -20,6 +20,7 @@ class Houlsby(AdapterMethod):
     """Bottleneck adapters after each block's attention and MLP output projections; a TaskModel's head trains."""
 
     name = "houlsby"
+    changes_no_weights = True  # its modules sit beside the base weights (EWC has nothing to keep)
     label = "Houlsby"
     summary = "bottleneck adapters after attention and MLP (--adapter-*), the base frozen"
     Settings = BottleneckConfig

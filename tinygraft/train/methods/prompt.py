@@ -24,6 +24,7 @@ class PromptTuning(AdapterMethod):
     """N learned embeddings before every input."""
 
     name = "prompt-tuning"
+    changes_no_weights = True  # its modules sit beside the base weights (EWC has nothing to keep)
     label = "prompt tuning"
     summary = "learned virtual tokens before the input (--num-virtual-tokens, --prompt-init), the base frozen"
     Settings = PromptConfig
@@ -52,6 +53,7 @@ class PrefixTuning(AdapterMethod):
     """N learned keys and values before every layer's own."""
 
     name = "prefix-tuning"
+    changes_no_weights = True
     label = "prefix tuning"
     summary = "learned keys and values before every layer's (--num-virtual-tokens, --prefix-*), the base frozen"
     Settings = PrefixConfig
