@@ -4,7 +4,9 @@ a fine-tuning stopped after the phase resumes without repeating it. `finetune --
 text, a BERT's feature CKA with the starting model (1 at the start, exactly 1 while the backbone stays frozen)."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 from tests.cli.tiny_runs import run_cli
 from tests.train.finetune_fixtures import make_bert_dir, make_data, make_gpt_dir
 from tinygraft.core import checkpoint
+from tinygraft.train import adapt_first
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,3 +100,40 @@ def test_watch_reports_a_gpts_lm_loss_and_a_berts_feature_drift(env, tmp_path, c
             assert after != pytest.approx(before, abs=1e-6)
     code, out, err = run_cli(["forgetting", tmp_path / "full", tmp_path / "linear-probe"], capsys)
     assert code == 0 and "| linear-probe |" in out, err
+
+
+def test_ctrl_c_in_the_phase_saves_it_and_resume_finishes_it_then_fine_tunes(env, tmp_path, capsys, monkeypatch):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(args(env, straight), capsys)[0] == 0
+
+    class CtrlCAtStep3:  # the phase's training batches; the first Ctrl-C lets the loop finish the step and save
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def next(self):
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.inner.next()
+
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, state):
+            self.inner.load_state_dict(state)
+
+    real_job = adapt_first.Job
+    monkeypatch.setattr(adapt_first, "Job", lambda **kw: real_job(**{**kw, "batcher": CtrlCAtStep3(kw["batcher"])}))
+    code, _, err = run_cli(args(env, split), capsys)
+    assert code == 130 and not (split / "checkpoints").exists(), err
+    phase = split / "adapt-first"
+    assert checkpoint.load(phase).step == 3
+    assert (json.loads((phase / "results.json").read_text()) if (phase / "results.json").exists() else {}).get(
+        "status"
+    ) != "completed"
+    monkeypatch.setattr(adapt_first, "Job", real_job)
+    code, _, err = run_cli(["finetune", "--out", split, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((split / "adapt-first" / "results.json").read_text())["status"] == "completed"
+    a, b = weights(straight, ""), weights(split, "")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -82,7 +82,7 @@ def adapt(backbone, family: str, steps: int, lr: float, train_features, val_feat
     # The phase leaves the RNG streams as it found them: a fine-tuning that skips it (it finished before a stop)
     # then draws what one that ran it draws.
     with RunDir(where) as sub, rng_preserved():
-        done = (where / "results.json").is_file()
+        done = (sub.read_results() or {}).get("status") == "completed"  # not an interrupted or stopped phase
         resume = checkpoint.load(where) if (where / "checkpoints").is_dir() else None
         if done:  # a fine-tuning stopped before its first checkpoint: the phase's final weights, not a second phase
             methods.make_method("full", None, "pretrain").load_state_dict(model, resume.model)
