@@ -4,8 +4,9 @@
 
 Per run (train/continual.py wrote it in results.json's `forgetting` and each evaluation's `watch:<label>` in
 metrics.jsonl): its own domain's validation loss before and after, and each watched text's before, after and
-change. The chart has one panel per domain (the runs' own, then each watched text), one line per run over the
-steps, so runs without replay, with replay, with EWC and with LoRA sit side by side.
+change, headed by what it measures (loss: the LM loss; cka: a BERT fine-tuning's feature CKA with its start). The
+chart has one panel per domain (the runs' own, then each watched text), one line per run over the steps, so runs
+without replay, with replay, with EWC and with LoRA sit side by side.
 """
 
 import json
@@ -36,12 +37,14 @@ def read_run(path: str | Path) -> dict:
             "replay corpus)"
         )
     before, after = info["before"], results.get("metrics", {})
+    measure = info.get("measure", {})
     domains = {OWN: ("loss", info.get("own"))}
     domains.update({label: (PREFIX + label, where) for label, where in info.get("watched", {}).items()})
     rows = {}
     for label, (key, where) in domains.items():
         b, a = before.get(key), after.get(key)
-        rows[label] = {"text": where, "before": b, "after": a, "change": None if None in (a, b) else a - b}
+        rows[label] = {"text": where, "measure": measure.get(label, "loss"), "before": b, "after": a,
+                       "change": None if None in (a, b) else a - b}  # fmt: skip
     curves = {label: [] for label in domains}
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
@@ -73,7 +76,9 @@ def _fmt(x, signed: bool = False) -> str:
 def markdown(rep: dict) -> str:
     head = ["run", "own before", "own after"]
     for label in rep["watched"]:
-        head += [f"{label} before", f"{label} after", f"{label} change"]
+        kinds = {r["domains"][label]["measure"] for r in rep["runs"] if label in r["domains"]}
+        shown = f"{label} ({'/'.join(sorted(kinds))})"  # the LM loss, or a BERT fine-tuning's feature CKA
+        head += [f"{shown} before", f"{shown} after", f"{shown} change"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rep["runs"]:
         own = r["domains"][OWN]
