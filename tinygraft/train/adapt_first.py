@@ -23,7 +23,7 @@ from tinygraft.models.bert import BERT, BERTForMaskedLM, MLMHead, init_weights
 from tinygraft.tasks.lm import objective_for
 from tinygraft.train import methods
 from tinygraft.train.config import TrainConfig
-from tinygraft.train.loop import Job, resolve_device, rng_preserved, train
+from tinygraft.train.loop import Job, measure, resolve_device, rng_preserved, train
 from tinygraft.train.run_dir import ADAPT_FIRST, RunDir
 
 
@@ -96,7 +96,7 @@ def adapt(backbone, family: str, steps: int, lr: float, train_features, val_feat
             say(f"--adapt-first: {steps} steps of the {objective.name} objective on the task's {len(text):,} "
                 f"training tokens ({len(held_out):,} held out)")  # fmt: skip
             batcher = objective.batcher(text, t.batch_size, seq_len, tokenizer, t.seed, 0.15)
-            before = resume.trainer_state["before"] if resume else _measure(model.to(device), evaluate)
+            before = resume.trainer_state["before"] if resume else measure(model, evaluate, device)
             job = Job(model=model, method=methods.make_method("full", None, "pretrain"), batcher=batcher,
                       loss_fn=objective.loss, evaluate=evaluate, count_tokens=objective.count_tokens, config=config,
                       task="adapt-first-" + objective.name, tokenizer_json=tokenizer.to_json(),
@@ -106,12 +106,3 @@ def adapt(backbone, family: str, steps: int, lr: float, train_features, val_feat
     for p in model.parameters():
         p.requires_grad_(flags[id(p)])
     return {"status": status, "steps": steps, "before": results.get("before"), "after": results.get("metrics")}
-
-
-def _measure(model, evaluate) -> dict:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = {k: float(v) for k, v in evaluate(model).items()}
-    model.train(was)
-    return out

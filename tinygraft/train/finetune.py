@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from tinygraft.core import checkpoint
 from tinygraft.core.config import load_config_file, to_dict
 from tinygraft.data import labeled as L
@@ -40,7 +38,7 @@ from tinygraft.tasks.base import say
 from tinygraft.train import adapt_first, continual, distill, methods, multi, runs
 from tinygraft.train import config as C
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
-from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, to_device, train
+from tinygraft.train.loop import Job, Outcome, measure, resolve_device, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
@@ -326,8 +324,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     model.train()
     device = resolve_device(cfg.train.device)
     keep = continual.in_run_dir(cfg.continual, run_dir.path)
-    watchers, measure, corpora = continual.finetune_watchers(keep, model.backbone, tokenizer, cfg.data.max_length,
-                                                             cfg.train.eval_batch_size, device)  # fmt: skip
+    watchers, measures, corpora = continual.finetune_watchers(keep, model.backbone, tokenizer, cfg.data.max_length,
+                                                              cfg.train.eval_batch_size, device)  # fmt: skip
     evaluate = continual.with_watched(evaluate, watchers)
     if teacher is not None and cfg.continual.adapt_first:
         raise TinygraftError("--adapt-first adapts a pretrained backbone to the task's text; a distilled student "
@@ -421,8 +419,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         if timer["adapt_first"]["status"] == "interrupted":
             return Outcome("interrupted", 0, {})
     if watchers:  # every metric where the fine-tuning starts (after --adapt-first), watched texts included
-        timer["before_metrics"] = timer.get("before_metrics") or measure_start(model, evaluate, device)
-        forgetting = continual.forgetting_results(timer["before_metrics"], corpora, cfg.data.train, measure)
+        timer["before_metrics"] = timer.get("before_metrics") or measure(model, evaluate, device)
+        forgetting = continual.forgetting_results(timer["before_metrics"], corpora, cfg.data.train, measures)
     job = Job(
         model=model,
         method=method,
@@ -484,14 +482,6 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
     return Outcome(outcome.status, outcome.step, results)
-
-
-def measure_start(model, evaluate, device) -> dict:
-    model.to(device).eval()
-    with rng_preserved(), torch.no_grad():
-        out = {k: float(v) for k, v in evaluate(model).items()}
-    model.train()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ resume

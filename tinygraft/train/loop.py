@@ -130,6 +130,16 @@ def rng_preserved():
         set_rng_state(saved)
 
 
+def measure(model: nn.Module, evaluate, device: torch.device) -> dict[str, float]:
+    """`evaluate(model)` before training starts (what a run reports as `before`): on the device, in eval mode,
+    without moving the RNG streams; the model is left in train mode."""
+    model.to(device).eval()
+    with rng_preserved(), torch.no_grad():
+        out = {k: float(v) for k, v in evaluate(model).items()}
+    model.train()
+    return out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -30,7 +30,7 @@ from tinygraft.tasks.lm import objective_for, unigram_entropy
 from tinygraft.train import config as C
 from tinygraft.train import continual, distill, methods, runs
 from tinygraft.train.ewc import EWC
-from tinygraft.train.loop import Job, Outcome, resolve_device, rng_preserved, seed_everything, train
+from tinygraft.train.loop import Job, Outcome, measure, resolve_device, seed_everything, train
 from tinygraft.train.methods.adapter import AdapterMethod, check_base, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
@@ -357,10 +357,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     }
     before = resume.trainer_state.get("before_metrics") if resume else None
     if resume is None and (source is not None or corpora):  # where training starts, on every text it reports
-        model.to(device).eval()
-        with rng_preserved(), torch.no_grad():
-            before = {k: float(v) for k, v in evaluate(model).items()}
-        model.train()
+        before = measure(model, evaluate, device)
         say(f"val loss before training: {before['loss']:.4f}"
             + "".join(f", {k} {v:.4f}" for k, v in before.items() if k.startswith(continual.PREFIX)))  # fmt: skip
     if source is not None and before is not None:
