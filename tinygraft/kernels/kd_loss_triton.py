@@ -31,6 +31,15 @@ DIVERGENCES = ("forward", "reverse", "jsd")
 
 
 @triton.jit
+def _log_probs(s_row, t_row, cols, live, inv_temp, lse_q, lse_p):
+    """One tile's log q and log p at temperature T (passes 2 and 3); dead columns read finite zeros, which the
+    callers mask out, so no 0 * inf arises."""
+    log_q = tl.load(s_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_q
+    log_p = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_p
+    return log_q, log_p
+
+
+@triton.jit
 def _log_mix(log_p, log_q, log_beta, log_1m_beta):
     """log m = log(beta p + (1 - beta) q) from the log-probabilities, as a logaddexp: no log(0) where p or q
     underflows. Its log1p is Kahan's log(u) * x / (u - 1), u = 1 + x (Goldberg 1991, theorem 4): no log1p in
@@ -90,8 +99,7 @@ def _kd_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         live = cols < V
-        log_q = tl.load(s_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_q
-        log_p = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_p
+        log_q, log_p = _log_probs(s_row, t_row, cols, live, inv_temp, lse_q, lse_p)
         if DIVERGENCE == "forward":
             p = tl.exp(log_p)
             acc_d += tl.where(live, p * (log_p - log_q), 0.0)
@@ -113,8 +121,7 @@ def _kd_rows_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             live = cols < V
-            log_q = tl.load(s_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_q
-            log_p = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32) * inv_temp - lse_p
+            log_q, log_p = _log_probs(s_row, t_row, cols, live, inv_temp, lse_q, lse_p)
             if DIVERGENCE == "reverse":
                 grad = tl.exp(log_q) * ((log_q - log_p) - d)
             else:
