@@ -98,3 +98,10 @@ def make_data(root: Path) -> dict[str, Path]:
     (root / "instruct.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
     d["instruct"] = root / "instruct.jsonl"
     return d
+
+
+def make_env(root: Path) -> dict:
+    """Tiny BERT and GPT directories pre-trained on the demo's texts, and the train / val files (make_data)."""
+    data = make_data(root)
+    texts = [ln.split("\t")[0] for ln in data["train"].read_text().splitlines()[1:]]
+    return {"root": root, "bert": make_bert_dir(root, texts * 3), "gpt": make_gpt_dir(root, texts * 3), **data}

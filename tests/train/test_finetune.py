@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.finetune_fixtures import BERT_LAYERS, make_bert_dir, make_data, make_gpt_dir
+from tests.train.finetune_fixtures import BERT_LAYERS, make_env
 from tinygraft.cli.main import main
 from tinygraft.core import checkpoint
 from tinygraft.models.pretrained import load_pretrained
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    data = make_data(root)
-    texts = [ln.split("\t")[0] for ln in data["train"].read_text().splitlines()[1:]]
-    return {"root": root, "bert": make_bert_dir(root, texts * 3), "gpt": make_gpt_dir(root, texts * 3), **data}
+    return make_env(tmp_path_factory.mktemp("ft"))
 
 
 def run(args, capsys):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli.tiny_runs import run_cli
-from tests.train.finetune_fixtures import make_bert_dir, make_data, make_gpt_dir
+from tests.train.finetune_fixtures import make_env
 from tinygraft.core import checkpoint
 from tinygraft.train import adapt_first
 
@@ -22,10 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapt")
-    data = make_data(root)
-    texts = [ln.split("\t")[0] for ln in data["train"].read_text().splitlines()[1:]]
-    return {"bert": make_bert_dir(root, texts * 3), "gpt": make_gpt_dir(root, texts * 3), **data}
+    return make_env(tmp_path_factory.mktemp("adapt"))
 
 
 def args(env, out, model="bert", *extra, adapt=True):
