@@ -248,10 +248,11 @@ class MLMHead(nn.Module):
 class BERTForMaskedLM(nn.Module):
     """BERT with the masked-LM head, as Hugging Face's `BertForMaskedLM` (which has no pooler)."""
 
-    def __init__(self, config: BERTConfig):
+    def __init__(self, config: BERTConfig, bert: BERT | None = None):
+        """`bert`: an encoder to wrap (its weights kept, a fresh head tied to them), e.g. a fine-tuning backbone."""
         super().__init__()
         self.config = config
-        self.bert = BERT(config, add_pooler=False)
+        self.bert = bert if bert is not None else BERT(config, add_pooler=False)
         self.cls = MLMHead(config)
         self.cls.apply(init_weights)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight

@@ -19,7 +19,7 @@ import torch
 
 from tinygraft.core import checkpoint
 from tinygraft.errors import TinygraftError
-from tinygraft.models.bert import BERT, BERTForMaskedLM, MLMHead, init_weights
+from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.tasks.lm import objective_for
 from tinygraft.train import methods
 from tinygraft.train.config import TrainConfig
@@ -48,15 +48,9 @@ def lm_of(backbone, seed: int):
     """The backbone as a language model: a GPT itself; a BERT inside a masked LM with a fresh head, tied."""
     if not isinstance(backbone, BERT):
         return backbone
-    mlm = BERTForMaskedLM.__new__(BERTForMaskedLM)
-    torch.nn.Module.__init__(mlm)
-    mlm.config, mlm.bert = backbone.config, backbone
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the head's init draws from its own seed, not the fine-tuning's streams
         torch.manual_seed(seed)
-        mlm.cls = MLMHead(backbone.config)
-        mlm.cls.apply(init_weights)
-    mlm.cls.predictions.decoder.weight = backbone.embeddings.word_embeddings.weight
-    return mlm
+        return BERTForMaskedLM(backbone.config, bert=backbone)
 
 
 def adapt(backbone, family: str, steps: int, lr: float, train_features, val_features, tokenizer, t, seq_len,
