@@ -17,7 +17,8 @@ a write to a buffer twice the largest L2 of current GPUs (256 MB) before each ti
 Results schema, one file per benchmark at bench/results/<device-slug>/<bench>.json ("cpu" on a CPU; the folder is
 $BENCH_RESULTS_DIR when that is set):
     {"bench": str, "device": str, "versions": {"python", "torch", "triton", "numpy", "cuda"}, "backend": str,
-     "notes": {...}, "rows": [{column: value, ...}, ...]}
+     "cpu_features": [the CPU's avx2 / avx512f / avx512_bf16 / amx_* flags], "precision_auto": what train.precision
+     auto means here, "notes": {...}, "rows": [{column: value, ...}, ...]}
 """
 
 import json
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy
 import torch
 
+from tinygraft.core import precision
 from tinygraft.kernels.backend import describe
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -58,6 +60,15 @@ def device_name(device: torch.device) -> str:
 
 def device_slug(device: torch.device) -> str:
     return "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides a CPU's matmul rates
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES the processor has (recorded beside every figure: bf16 speed depends on them)."""
+    flags = precision.cpu_flags()
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def versions() -> dict:
@@ -141,6 +152,50 @@ def copy_bandwidth(device=None, nbytes=None) -> float:
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
+_PEAKS: dict = {}
+
+
+def matmul_peak_gflops(device=None, dtype=torch.float32) -> float:
+    """The machine's achieved dense matmul rate in GFLOP/s for `dtype`, measured once per process and device: the
+    ceiling a training benchmark's model FLOP rate is held against (square operands: 8192 on CUDA, 2048 on a CPU,
+    beyond the caches; the median of about a second of repeats)."""
+    device = device or bench_device()
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n = 8192 if device.type == "cuda" else 2048
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        t = time_fn(lambda: a @ b, device=device, warmup=3, budget_s=1.0, flush=False)
+        _PEAKS[key] = 2 * n**3 / (t.median_ms * 1e-3) / 1e9
+    return _PEAKS[key]
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters a token multiplies through: the 2-D weights of Linear (and Conv1D-style) layers, each once; an
+    embedding table counts only where it is also the output head (tied), since a lookup costs no FLOPs."""
+    seen, n = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and p.dim() == 2 and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def model_flops_per_token(matmul_n: int, n_layer: int, d_model: int, seq: float) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus 12 L d T for attention's
+    scores and values (PaLM, appendix B: 6N + 12 L H Q T, with H Q = d)."""
+    return 6 * matmul_n + 12 * n_layer * d_model * seq
+
+
+def flop_rate(row: dict, flops_per_token: float, tokens_per_s: float, peak_gflops: float) -> dict:
+    """The row's model FLOP rate (GFLOP/s) and its share of the measured matmul peak of its precision."""
+    gflops = flops_per_token * tokens_per_s / 1e9
+    row.update(model_gflops=gflops, of_peak=gflops / peak_gflops, peak_gflops=peak_gflops)
+    return row
+
+
 def _rss_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -192,6 +247,8 @@ class Results:
             "device": device_name(self.device),
             "versions": versions(),
             "backend": describe(),
+            "cpu_features": cpu_features(),
+            "precision_auto": precision.resolve("auto", self.device).line,
             "notes": dict(notes or {}),
             "rows": [],
         }

@@ -17,6 +17,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# `train.precision=auto` would mean bf16 on a CPU with AVX512-BF16 or AMX and fp32 on one without: pin it to fp32
+# (subprocesses inherit this) so no verdict depends on which CPU runs the suite; bf16 tests ask for it.
+os.environ["TINYGRAFT_CPU_BF16"] = "0"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -40,7 +40,9 @@ def test_summary_sets_each_figure_against_its_goal(tmp_path):
     _write(tmp_path, "adamw", [{"impl": "tinygraft", "size": "gpt2-124M", "dtype": "float32", "gbps": 4000.0,
                                 "pct_copy": 88.0}], notes={"copy_bandwidth_gbps": 4545.0})  # fmt: skip
     _write(tmp_path, "train_throughput", [{"impl": "tinygraft", "preset": "gpt2", "seq": 1024, "tokens_per_s": 4e5,
-                                           "mfu": 0.41}])  # fmt: skip
+                                           "precision": "auto (bf16)", "of_peak": 0.41},
+                                          {"impl": "tinygraft", "preset": "gpt2", "seq": 1024, "tokens_per_s": 2e5,
+                                           "precision": "fp32", "of_peak": 0.9}])  # fmt: skip
     text = gpu_summary.summary(tmp_path, dry_run=False)
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "320 TFLOP/s vs sdpa-cudnn 350" in lines["attention fwd+bwd hd128 T=4096 causal"]  # the best backend

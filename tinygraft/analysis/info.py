@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from tinygraft.core import checkpoint
+from tinygraft.core import checkpoint, precision
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
 from tinygraft.models import hf
 from tinygraft.models.pretrained import describe_checkpoint, format_description, locate
 from tinygraft.train import runs
 from tinygraft.train.config import flatten
+from tinygraft.train.loop import resolve_device
 from tinygraft.train.methods.adapter import is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
@@ -27,10 +28,14 @@ from tinygraft.train.run_dir import RunDir
 def info(path: str, which: str | None = "latest") -> dict:
     kind, resolved, step_dir = runs.locate_spec(path, which)
     if kind == "huggingface":
-        return describe_checkpoint(resolved)
-    if kind == "finetune":
-        return _finetune_info(step_dir)
-    return _pretrain_info(step_dir)
+        d = describe_checkpoint(resolved)
+    elif kind == "finetune":
+        d = _finetune_info(step_dir)
+    else:
+        d = _pretrain_info(step_dir)
+    # what a run started here would train in: the machine's, not the checkpoint's (which is the same either way)
+    d["precision_here"] = precision.resolve("auto", resolve_device("auto")).line
+    return d
 
 
 def _progress(ckpt: checkpoint.Checkpoint) -> dict:
@@ -119,8 +124,9 @@ def _finetune_info(step_dir: Path) -> dict:
 
 
 def format_info(d: dict) -> str:
+    here = [f"precision    train.precision auto here: {d['precision_here']}"] if "precision_here" in d else []
     if d.get("format") == "huggingface":
-        return format_description(d)
+        return "\n".join([format_description(d), *here])
 
     def losses(row: dict) -> str:
         return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
@@ -169,6 +175,7 @@ def format_info(d: dict) -> str:
     if best.get("value") is not None:
         lines.append(f"best         {best['metric']} {best['value']:.4g} at step {best['step']}")
     lines.append(f"backend      {d['backend']}")
+    lines += here
     if "unused" in d:
         unused = ", ".join(d["unused"]) or "none (every checkpoint entry is used)"
         lines.append(f"unused       {unused}")

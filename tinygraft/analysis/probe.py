@@ -58,7 +58,7 @@ def read_splits(task_name: str, data: DataSettings, tokenizer) -> tuple[Split, S
     task = get_task(task_name)
     settings = task.Settings()  # classify: one label per text, the only problem a multinomial probe answers
     train = subset(task.read(data.train, data, settings), data.max_train)
-    val = subset(task.read(data.val, data, settings), data.max_val)
+    val = subset(task.read_validation(data, settings), data.max_val)  # a saved DatasetDict: its validation split
     label_map = task.label_map(train, settings)
     splits = []
     for examples, path in ((train, data.train), (val, data.val)):

@@ -1,6 +1,10 @@
 """Flags several commands share."""
 
+from tinygraft.errors import TinygraftError
+from tinygraft.models import hub
+
 INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
+REVISION_OF = "_revision_of"  # the parser defaults key naming the dest (and the flag) --revision qualifies
 
 
 def checkpoint_args(p, what="a run directory, its checkpoints/ directory, or one step directory", default="latest"):
@@ -39,3 +43,23 @@ def report_args(p, name: str, chart: str) -> None:
     where.add_argument("--out", metavar="DIR", help=f"write DIR/{name}.json and DIR/{name}.png ({chart})")
     where.add_argument("--png", metavar="PATH", help=f"write the {chart} to PATH and the JSON beside it (.json)")
     p.add_argument("--overwrite", action="store_true", help="replace files already there")
+
+
+def revision_arg(p, dest: str, flag: str) -> None:
+    """--revision REV for the spec in `dest` (`flag` is how messages call it); main() folds it into that spec."""
+    p.add_argument("--revision", metavar="REV", help=f"with {flag} a Hugging Face hub cache entry (hf:ORG/NAME or a "
+                   "models--ORG--NAME directory): a branch, tag or commit hash (default: main)")  # fmt: skip
+    p.set_defaults(**{REVISION_OF: (dest, flag)})
+
+
+def apply_revision(ns) -> None:
+    """Fold --revision into the spec it qualifies ('hf:ORG/NAME@REV', or an entry's snapshot directory), so every
+    loader downstream, and what a run records, sees one string."""
+    revision = getattr(ns, "revision", None)
+    if revision is None or not hasattr(ns, REVISION_OF):
+        return
+    dest, flag = getattr(ns, REVISION_OF)
+    spec = getattr(ns, dest, None)
+    if spec is None:
+        raise TinygraftError(f"--revision {revision!r} picks a revision of {flag} hf:ORG/NAME, and no {flag} was given")
+    setattr(ns, dest, hub.with_revision(spec, revision))

@@ -18,8 +18,14 @@ from tinygraft.train.pretrain import PretrainArgs, pretrain
 
 PREFIX = "distill."
 # The schedule flags a language-model distillation takes, as pre-training's settings.
-LM_FLAGS = {"train.steps": "steps", "train.seed": "seed", "train.device": "device", "train.keep": "keep"}
-LM_SETS = {"train.batch_size", "train.lr", "data.max_length"}
+LM_FLAGS = {
+    "train.steps": "steps",
+    "train.seed": "seed",
+    "train.device": "device",
+    "train.keep": "keep",
+    "train.precision": "precision",
+}
+LM_SETS = {"train.batch_size", "train.lr", "data.max_length", "train.tensorboard"}
 
 
 def add(sub) -> None:
@@ -92,7 +98,8 @@ def _lm(ns, flags: dict):
             continue
         raise TinygraftError(
             f"--{key.split('.')[-1].replace('_', '-')} applies to distilling a fine-tuned teacher; a language-model "
-            "teacher takes --data, --steps, --seed, --batch-size, --lr, --max-length, --device, --keep, --method, --set"
+            "teacher takes --data, --steps, --seed, --batch-size, --lr, --max-length, --device, --precision, --keep, "
+            "--method, --tensorboard, --set"
         )
     student = settings.get("student")
     preset = student if distill.is_preset(student) else None

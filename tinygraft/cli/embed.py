@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from tinygraft.cli.common import adapter_name_arg
+from tinygraft.cli.common import adapter_name_arg, revision_arg
 from tinygraft.errors import TinygraftError
 from tinygraft.infer.embed import check_output, load_encoder, read_texts, write_embeddings
 from tinygraft.models.pooling import sentence_embeddings
@@ -13,6 +13,7 @@ from tinygraft.train.loop import resolve_device
 def add(sub) -> None:
     p = sub.add_parser("embed", help="sentence embeddings of a text file from a pretrained model or a run")
     p.add_argument("--from", dest="from_", required=True, help="a pretrained directory, 'minilm', or a run")
+    revision_arg(p, "from_", "--from")
     p.add_argument("--input", help="one text per line, or JSONL with a text field (default: stdin)")
     p.add_argument("--output", help="out.npy or out.jsonl (default: JSONL on stdout)")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalise")

@@ -4,7 +4,7 @@ job (train/config.py: FinetuneConfig), of every task (tinygraft/tasks/) and of e
 import json
 import sys
 
-from tinygraft.cli.common import INTERRUPTED, config_args
+from tinygraft.cli.common import INTERRUPTED, config_args, revision_arg
 from tinygraft.cli.flags import add_settings, given
 from tinygraft.tasks import TASKS
 from tinygraft.tasks.base import DataSettings
@@ -17,6 +17,8 @@ def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = ()) -> 
     """The flags `finetune`, `compare` and `distill` share (compare takes --methods / --seeds / --lr-for instead of
     --method and --seed; distill takes --student instead of --from: `skip`)."""
     add_settings(p, FinetuneConfig, "", skip=(*skip, "method") if compare else skip)
+    if "source" not in skip:
+        revision_arg(p, "source", "--from")
     add_settings(p, DataSettings, "data.", title="data")
     add_settings(p, FinetuneTrain, "train.", skip=("seed",) if compare else (), title="schedule")
     for task in TASKS.values():

@@ -40,7 +40,7 @@ from tinygraft.cli import (
     sample,
 )
 from tinygraft.cli import eval as eval_
-from tinygraft.cli.common import INTERRUPTED
+from tinygraft.cli.common import INTERRUPTED, apply_revision
 from tinygraft.errors import TinygraftError
 from tinygraft.train.plugins import load_plugins
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        apply_revision(args)
         return args.func(args)
     except TinygraftError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,8 +3,9 @@
 import json
 import sys
 
-from tinygraft.cli.common import INTERRUPTED, config_args
+from tinygraft.cli.common import INTERRUPTED, config_args, revision_arg
 from tinygraft.cli.flags import add_settings, given
+from tinygraft.core import precision
 from tinygraft.train import methods
 from tinygraft.train.config import ContinualSettings
 from tinygraft.train.pretrain import PretrainArgs, pretrain
@@ -18,20 +19,27 @@ def add(sub) -> None:
     p.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints)")
     p.add_argument("--preset", help="gpt-tiny (default), gpt2, bert-tiny, bert-base")
     config_args(p, "data, train, model, method_settings, continual")
-    p.add_argument("--data", help="corpus: a text file, JSONL, or a directory (default: pydoc_data.topics)")
+    p.add_argument(
+        "--data",
+        help="corpus: a text file, JSONL, Parquet, a `datasets` save_to_disk DIR[:SPLIT] (default split: train), or a "
+        "directory (default: pydoc_data.topics)",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps; fixes the learning-rate schedule")
     p.add_argument("--stop-at", type=int, help="stop after this step without changing the schedule")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--precision", choices=precision.PRECISIONS, help=precision.HELP)
     p.add_argument("--seed", type=int, help="seed of the model init, data order and dropout")
     p.add_argument("--keep", type=int, help="step checkpoints to keep")
     p.add_argument(
         "--from",
         dest="from_",
         metavar="PATH",
-        help="continue from these weights and tokenizer: a Hugging Face directory, 'minilm', or a run",
+        help="continue from these weights and tokenizer: a Hugging Face directory or hub cache entry (hf:ORG/NAME), "
+        "'minilm', or a run",
     )
+    revision_arg(p, "from_", "--from")
     p.add_argument(
         "--new-head",
         action="store_true",
@@ -60,6 +68,7 @@ def run(ns) -> int:
             resume=ns.resume,
             overwrite=ns.overwrite,
             device=ns.device,
+            precision=ns.precision,
             seed=ns.seed,
             keep=ns.keep,
             sets=ns.sets,

@@ -3,9 +3,11 @@
     read_corpus(path)  ->  list of documents (str)
     TokenCache.build(documents, tokenizer)  ->  .train / .val: 1-d uint16 (or uint32) memmaps
 
-A corpus is a text file (one document), a JSONL file (one document per line, in a text field), or a directory
-of *.txt / *.md / *.jsonl files read recursively in sorted order. With no path, the default corpus is
-`pydoc_data.topics`: the ~465k characters of Python documentation that ship with every CPython.
+A corpus is a text file (one document), a JSONL file (one document per line, in a text field), a Parquet file or
+a `datasets` save_to_disk directory (one document per row, in a text column; DIR:SPLIT, else its train split; see
+data/arrow.py), or a directory of *.txt / *.md / *.jsonl / *.parquet files read recursively in sorted order. With
+no path, the default corpus is `pydoc_data.topics`: the ~465k characters of Python documentation that ship with
+every CPython.
 
 The token cache tokenises a corpus once. The stream is `doc0 <sep> doc1 <sep> ...`, <sep> being the tokenizer's
 `separator_id` (eos for GPT vocabularies, [SEP] for BERT ones). It lives under $XDG_CACHE_HOME/tinygraft (default
@@ -31,10 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from tinygraft.core.jsonfile import jsonl_objects
+from tinygraft.data import arrow
+from tinygraft.data.labeled import require_columns
 from tinygraft.data.tokenizer import TextTokenizer, tokenizer_json_sha256
 from tinygraft.errors import TinygraftError
 
-TEXT_GLOBS = ("*.txt", "*.md", "*.jsonl")
+TEXT_GLOBS = ("*.txt", "*.md", "*.jsonl", "*.parquet")
 CACHE_FORMAT = "tinygraft-token-cache-v1"  # bump when the file layout changes: old files then simply miss
 _ENCODE_CHUNK = 256  # documents per encode_batch call: bounded memory on big corpora, still parallel in Rust
 
@@ -50,9 +54,15 @@ def default_corpus() -> list[str]:
 
 
 def read_corpus(path: str | Path | None = None, text_field: str = "text") -> list[str]:
-    """Documents of a text file, a JSONL file, or a directory of them; `None` gives the default corpus."""
+    """Documents of a text, JSONL or Parquet file, a saved dataset, or a directory of files; `None` gives the
+    default corpus."""
     if path is None:
         return default_corpus()
+    if arrow.is_source(path):  # before the checks below: DIR:SPLIT is no path on disk, a saved dataset is a directory
+        documents = [doc for doc in _read_file(Path(path), text_field) if doc.strip()]
+        if not documents:
+            raise TinygraftError(f"corpus '{path}' is empty (it holds no non-blank text)")
+        return documents
     path = Path(path)
     if not path.exists():
         raise TinygraftError(f"corpus path '{path}' does not exist")
@@ -87,11 +97,16 @@ def _read_text(file: Path) -> str:
 
 
 def _read_file(file: Path, text_field: str) -> list[str]:
-    text = _read_text(file)
-    if file.suffix != ".jsonl":
-        return [text]
+    if arrow.is_source(file):  # a Parquet file, or a saved dataset (DIR[:SPLIT])
+        require_columns(f"corpus '{file}'", arrow.column_names(file), [text_field])
+        records = arrow.read_rows(file, columns=[text_field])[1]
+    else:
+        text = _read_text(file)
+        if file.suffix != ".jsonl":
+            return [text]
+        records = jsonl_objects(text, f"corpus file '{file}'")
     documents = []
-    for line_no, record in jsonl_objects(text, f"corpus file '{file}'"):
+    for line_no, record in records:
         if text_field not in record:
             raise TinygraftError(f"line {line_no} of corpus file '{file}' has no {text_field!r} field")
         if not isinstance(record[text_field], str):

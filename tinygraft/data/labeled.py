@@ -4,8 +4,10 @@
          --LabeledBatcher / eval_batches + collate--> dict of (B, T_max) tensors, padded to the longest in the batch
 
 File formats, chosen by suffix: `.tsv` (tab) and `.csv` (comma) with a header row; `.jsonl` one object per line
-(`.json`: one array of objects). `quote_none=True` reads quote characters as text (csv.QUOTE_NONE): STS-B has
-stray quotes that would otherwise swallow rows. Line numbers in errors are the file's own, 1-based.
+(`.json`: one array of objects); `.parquet`, `.arrow` and `datasets`' save_to_disk directories, DIR[:SPLIT]
+(data/arrow.py: a row per example, "line" N being row N). `quote_none=True` reads quote characters as text
+(csv.QUOTE_NONE): STS-B has stray quotes that would otherwise swallow rows. Line numbers in errors are the file's
+own, 1-based.
 
 The label map is built from the training file only, saved as JSON beside the checkpoint (`id2label` /
 `label2id`, the keys `transformers` uses in config.json); a label at evaluation that training never saw is an
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from tinygraft.core.jsonfile import jsonl_objects
+from tinygraft.data import arrow
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.errors import TinygraftError
 
@@ -42,8 +45,19 @@ class Example:
 
 # ------------------------------------------------------------------------------------------------------ reading
 def read_rows(path: str | Path, quote_none: bool = False) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(column names, [(line, row dict)]) of a TSV/CSV (header row) or JSONL/JSON file of objects."""
+    """(column names, [(line, row dict)]) of a TSV/CSV (header row) or JSONL/JSON file of objects, or of a
+    Parquet / Arrow file or saved dataset (DIR[:SPLIT], its train split by default; line = row number)."""
+    if arrow.is_source(path):
+        columns, rows = arrow.read_rows(path)
+        if not rows:
+            raise TinygraftError(f"data '{path}' holds no rows")
+        return columns, rows
     path = Path(path)
+    if path.is_dir():
+        raise TinygraftError(
+            f"data path '{path}' is a directory but not a `datasets` save_to_disk directory (it has no "
+            f"{arrow.DICT_JSON}, nor {arrow.STATE_JSON} and {arrow.INFO_JSON})"
+        )
     if not path.is_file():
         raise TinygraftError(f"data file '{path}' does not exist")
     if path.suffix in JSON_SUFFIXES:
@@ -52,7 +66,7 @@ def read_rows(path: str | Path, quote_none: bool = False) -> tuple[list[str], li
     elif path.suffix in DELIMITERS:
         columns, rows = _read_delimited(path, DELIMITERS[path.suffix], quote_none)
     else:
-        raise TinygraftError(f"data file '{path}' has an unknown suffix; use .tsv, .csv, .jsonl or .json")
+        raise TinygraftError(f"data file '{path}' has an unknown suffix; use .tsv, .csv, .jsonl, .json or .parquet")
     if not rows:
         raise TinygraftError(f"data file '{path}' holds no rows")
     return columns, rows
@@ -316,10 +330,13 @@ def encode_prompt_completions(examples: Sequence[Example], tokenizer: TextTokeni
 
 # ----------------------------------------------------------------------------------------------------- batching
 PADDED = {"input_ids": None, "token_type_ids": 0, "attention_mask": 0}  # None: the tokenizer's pad id
+# torch.compile sees a handful of lengths instead of one per batch when batches pad to a multiple of this
+BUCKET = 16
 
 
-def collate(features: Sequence[dict], pad_id: int) -> dict[str, Any]:
-    """Stack features into tensors padded on the right to the longest sequence in this batch.
+def collate(features: Sequence[dict], pad_id: int, multiple: int = 1, cap: int | None = None) -> dict[str, Any]:
+    """Stack features into tensors padded on the right to the longest sequence in this batch, rounded up to a
+    multiple of `multiple` (at most `cap`, the longest a row may be) so the lengths fall into a few buckets.
 
     input_ids[_a|_b] pad with `pad_id` and get an attention_mask[_a|_b] (1 = real token); token_type_ids pad
     with 0. `labels`: a list of ints per example is per-token (pads with -100), a list of floats is a multi-hot
@@ -327,18 +344,26 @@ def collate(features: Sequence[dict], pad_id: int) -> dict[str, Any]:
     (QA offsets, example indices) stays a Python list, one entry per example.
     """
     batch: dict[str, Any] = {}
+    lengths = {}  # each side of a pair (input_ids_a, _b) pads to its own bucket
+    for key in features[0]:
+        base = key.removesuffix("_a").removesuffix("_b")
+        if base in PADDED:
+            longest = max(len(f[key]) for f in features)
+            bucket = -(-longest // multiple) * multiple
+            lengths[key[len(base) :]] = max(longest, bucket if cap is None else min(bucket, cap))
     for key in features[0]:
         values = [f[key] for f in features]
         base = key.removesuffix("_a").removesuffix("_b")
         if base in PADDED:
             value = pad_id if base == "input_ids" else PADDED[base]
-            batch[key] = _pad(values, value)
+            length = lengths[key[len(base) :]]
+            batch[key] = _pad(values, value, length)
             if base == "input_ids":
-                batch["attention_mask" + key[len(base) :]] = _pad([[1] * len(v) for v in values], 0)
+                batch["attention_mask" + key[len(base) :]] = _pad([[1] * len(v) for v in values], 0, length)
         elif key == "labels":
             first = values[0]
             if isinstance(first, list) and (not first or isinstance(first[0], int)):
-                batch[key] = _pad(values, -100)
+                batch[key] = _pad(values, -100, lengths.get(""))
             elif isinstance(first, list) or isinstance(first, float):
                 batch[key] = torch.tensor(values, dtype=torch.float32)
             else:
@@ -350,8 +375,8 @@ def collate(features: Sequence[dict], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    T = max(len(s) for s in seqs)
+def _pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    T = max(length or 0, max(len(s) for s in seqs))
     out = torch.full((len(seqs), T), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
@@ -370,12 +395,14 @@ class LabeledBatcher:
     a restored batcher yields the batch an uninterrupted one would. The last short batch of an epoch is kept.
     """
 
-    def __init__(self, features: Sequence[dict], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, features: Sequence[dict], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
+                 multiple: int = 1, cap: int | None = None):  # fmt: skip
         if not features:
             raise TinygraftError("no training examples to batch")
         if batch_size < 1:
             raise TinygraftError(f"batch size must be at least 1, got {batch_size}")
         self.features, self.batch_size, self.pad_id = list(features), batch_size, pad_id
+        self.multiple, self.cap = multiple, cap  # collate's length buckets
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
@@ -396,7 +423,7 @@ class LabeledBatcher:
             self._order = self._permutation(self.epoch)
         idx = self._order[self.position : self.position + self.batch_size]
         self.position += len(idx)
-        return collate([self.features[i] for i in idx], self.pad_id)
+        return collate([self.features[i] for i in idx], self.pad_id, self.multiple, self.cap)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.features)}
@@ -410,7 +437,9 @@ class LabeledBatcher:
         self._order = self._permutation(self.epoch)
 
 
-def eval_batches(features: Sequence[dict], batch_size: int, pad_id: int) -> Iterator[dict]:
+def eval_batches(
+    features: Sequence[dict], batch_size: int, pad_id: int, multiple: int = 1, cap: int | None = None
+) -> Iterator[dict]:
     """The features in file order, collated `batch_size` at a time (predictions line up with the examples)."""
     for i in range(0, len(features), batch_size):
-        yield collate(features[i : i + batch_size], pad_id)
+        yield collate(features[i : i + batch_size], pad_id, multiple, cap)

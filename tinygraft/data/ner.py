@@ -3,6 +3,8 @@
     CoNLL:  one token per line, columns separated by whitespace, the word first and the tag last (CoNLL-2003:
             `EU NNP B-NP B-ORG`); a blank line ends a sentence; `-DOCSTART-` lines are skipped.
     JSONL:  {"tokens": ["EU", "rejects", ...], "tags": ["B-ORG", "O", ...]} per line (column names settable).
+    Arrow:  the same two list columns in Parquet or a `datasets` save_to_disk directory (data/arrow.py; ClassLabel
+            tags, as CoNLL-2003's ner_tags are stored, come as their names).
 
 Alignment (as `transformers`' token-classification recipe): the words are joined with single spaces and
 tokenised once; each sub-word is assigned to the word its characters fall in. The first sub-word of a word gets
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinygraft.data import arrow
 from tinygraft.data.labeled import (
     LabelMap,
     read_rows,
@@ -33,11 +36,15 @@ class TaggedSentence:
 
 
 def read_tagged(path: str | Path, tokens_col: str = "tokens", tags_col: str | None = "tags") -> list[TaggedSentence]:
-    """`.jsonl` files as token/tag lists, anything else as CoNLL columns; `tags_col=None` reads words only."""
-    path = Path(path)
-    if not path.is_file():
-        raise TinygraftError(f"data file '{path}' does not exist")
-    sents = _read_jsonl(path, tokens_col, tags_col) if path.suffix == ".jsonl" else _read_conll(path, tags_col)
+    """`.jsonl` files and Arrow sources (Parquet, saved datasets) as token/tag lists, anything else as CoNLL columns;
+    `tags_col=None` reads words only."""
+    if arrow.is_source(path):
+        sents = _read_jsonl(path, tokens_col, tags_col)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise TinygraftError(f"data file '{path}' does not exist")
+        sents = _read_jsonl(path, tokens_col, tags_col) if path.suffix == ".jsonl" else _read_conll(path, tags_col)
     if not sents:
         raise TinygraftError(f"data file '{path}' holds no sentences")
     return sents
@@ -65,7 +72,7 @@ def _read_conll(path: Path, tags_col: str | None) -> list[TaggedSentence]:
     return sents
 
 
-def _read_jsonl(path: Path, tokens_col: str, tags_col: str | None) -> list[TaggedSentence]:
+def _read_jsonl(path: str | Path, tokens_col: str, tags_col: str | None) -> list[TaggedSentence]:
     columns, rows = read_rows(path)
     require_columns(path, columns, [tokens_col, tags_col])
     sents = []

@@ -124,8 +124,9 @@ def read_qa_table(
     id_col: str | None = None,
     quote_none: bool = False,
 ) -> list[QAExample]:
-    """QA examples from span columns (TSV/CSV/JSONL); without an answer-start column the answer's first
-    occurrence in the context is taken. A JSONL answer may be a list of accepted answers."""
+    """QA examples from span columns (TSV/CSV/JSONL, Parquet, saved datasets); without an answer-start column the
+    answer's first occurrence in the context is taken. A JSONL answer may be a list of accepted answers, or
+    `datasets`' SQuAD column {"text": [...], "answer_start": [...]}."""
     columns, rows = read_rows(path, quote_none)
     require_columns(path, columns, [question_col, context_col, answer_col, answer_start_col, id_col])
     examples, moved = [], 0
@@ -133,8 +134,10 @@ def read_qa_table(
         context, question = str(row[context_col]), str(row[question_col])
         answers, starts = [], []
         if answer_col is not None:
-            answers = row[answer_col] if isinstance(row[answer_col], list) else [str(row[answer_col])]
-            given = row.get(answer_start_col) if answer_start_col else None
+            cell, given = row[answer_col], row.get(answer_start_col) if answer_start_col else None
+            if isinstance(cell, dict) and isinstance(cell.get("text"), list):  # `datasets`' SQuAD: {text, answer_start}
+                cell, given = cell["text"], given if answer_start_col else cell.get("answer_start")
+            answers = cell if isinstance(cell, list) else [str(cell)]
             given = given if isinstance(given, list) else [given] * len(answers)
             for text, start in zip(answers, given):
                 where = f"{path} line {line}"

@@ -11,6 +11,9 @@ pretrained `tokenizer.json` (or a BERT `vocab.txt`) loads here unchanged.
                     punctuation, `##` marks a piece continuing a word. Specials [PAD] [UNK] [CLS] [SEP] [MASK]
                     take ids 0..4; a model input is `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` with token types
                     0 for a (and its [CLS]/[SEP]) and 1 for b and its [SEP].
+    loaded          whatever tokenizer.json holds. Its post-processor, when it is a BERT-style template, names the
+                    first and last tokens and how a pair is joined: RoBERTa's (RobertaProcessing) is `<s> a </s>` and
+                    `<s> a </s></s> b </s>`, all of token type 0, so `<s>`/`</s>` serve as cls/sep and `<mask>` masks.
 
 `encode` never adds special tokens; `encode_for_model` adds the model's template. Padding and truncation
 settings stored in a loaded tokenizer.json (MiniLM's pads everything to 128) are switched off: callers pad.
@@ -59,8 +62,14 @@ class TextTokenizer:
         self.unk_id: int | None = ids["unk"]
         # GPT-style vocabularies have no pad token: `<|endoftext|>` pads (attention masks hide it anyway).
         self.pad_id: int | None = ids["pad"] if ids["pad"] is not None else self.eos_id
+        # A BERT-style template: `cls a sep`, and for a pair `pair_seps` separators before b, typed `pair_type`.
+        self.pair_seps, self.pair_type = 1, 1
+        template = _template_of(tokenizer)
+        if template is not None:
+            cls_tok, sep_tok, self.pair_seps, self.pair_type = template
+            self.cls_id, self.sep_id = tokenizer.token_to_id(cls_tok), tokenizer.token_to_id(sep_tok)
         added = {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
-        self.special_ids: set[int] = added | {i for i in ids.values() if i is not None}
+        self.special_ids: set[int] = added | {i for i in [*ids.values(), self.cls_id, self.sep_id] if i is not None}
 
     def _first_id(self, names: list[str]) -> int | None:
         for name in names:
@@ -163,18 +172,20 @@ class TextTokenizer:
 
     def n_special(self, pair: bool) -> int:
         """How many template tokens `build_inputs` adds around one text or a pair."""
-        return (3 if pair else 2) if self._bert_template else int(pair)
+        return (2 + self.pair_seps if pair else 2) if self._bert_template else int(pair)
 
     def build_inputs(self, a: list[int], b: list[int] | None = None) -> tuple[list[int], list[int]]:
         """(ids, token_type_ids): the model's template around already-truncated pieces.
 
-        BERT vocabularies (with [CLS] and [SEP]): `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, types 0...0 1...1.
-        Others (GPT): the plain ids of a, or `a <eos> b` for a pair (types 0 for a, 1 for `<eos> b`).
+        BERT vocabularies (with [CLS] and [SEP]): `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, types 0...0 1...1
+        (RoBERTa's: `<s> a </s></s> b </s>`, all type 0). Others (GPT): the plain ids of a, or `a <eos> b` for a pair
+        (types 0 for a, 1 for `<eos> b`).
         """
         if self._bert_template:
             ids, types = [self.cls_id, *a, self.sep_id], [0] * (len(a) + 2)
             if b is not None:
-                ids, types = ids + [*b, self.sep_id], types + [1] * (len(b) + 1)
+                extra = [self.sep_id] * (self.pair_seps - 1)
+                ids, types = ids + extra + [*b, self.sep_id], types + [0] * len(extra) + [self.pair_type] * (len(b) + 1)
             return ids, types
         if b is None:
             return list(a), [0] * len(a)
@@ -219,6 +230,33 @@ def _truncate_longest_first(a: list[int], b: list[int] | None, budget: int) -> t
     if len(a) > len(b):
         return a[:n_long], b[:n_short]
     return a[:n_short], b[:n_long]
+
+
+def _template_of(tokenizer: Tokenizer) -> tuple[str, str, int, int] | None:
+    """(cls token, sep token, separators between a pair, token type of b) of a BERT-style post-processor (BERT's,
+    RoBERTa's, or a template `C $A S` / `C $A S [S] $B S`, also inside a Sequence), or None for any other."""
+    if tokenizer.post_processor is None:
+        return None
+    found = json.loads(tokenizer.post_processor.__getstate__())
+    steps = found.get("processors", []) if found.get("type") == "Sequence" else [found]
+    for p in steps:
+        if p.get("type") in ("BertProcessing", "RobertaProcessing"):
+            roberta = p["type"] == "RobertaProcessing"
+            return p["cls"][0], p["sep"][0], 2 if roberta else 1, 0 if roberta else 1
+        if p.get("type") == "TemplateProcessing":
+            single = [x.get("SpecialToken", {}).get("id") for x in p["single"]]  # None where $A goes
+            if len(single) != 3 or None in single[::2] or single[1] is not None:
+                return None
+            cls_tok, sep_tok = single[0], single[2]
+            pair = [x.get("SpecialToken", {}).get("id") for x in p["pair"]]
+            seqs = [x["Sequence"] for x in p["pair"] if "Sequence" in x]
+            if len(seqs) != 2 or pair[0] != cls_tok or pair[-1] != sep_tok:
+                return None
+            middle = pair[pair.index(None) + 1 : len(pair) - 2]  # specials between $A and $B
+            if not middle or set(middle) != {sep_tok}:
+                return None
+            return cls_tok, sep_tok, len(middle), seqs[1]["type_id"]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- builders

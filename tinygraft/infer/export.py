@@ -18,7 +18,7 @@ import torch
 from tinygraft.errors import TinygraftError
 from tinygraft.models.bert import BERT
 from tinygraft.models.gpt import GPT
-from tinygraft.models.hf import CONFIG
+from tinygraft.models.hf import CONFIG, MAX_SHARD_SIZE, parse_size
 from tinygraft.peft.adapters import DEFAULT_ADAPTER, adapter_layers, unload
 from tinygraft.peft.files import CONFIG_NAME, save_adapter
 from tinygraft.peft.prompt import PrefixConfig, prompt_settings, virtual_layers
@@ -64,10 +64,13 @@ def export_run(
     overwrite: bool = False,
     merged: bool = False,
     adapter_name: str | None = None,
+    max_shard_size: int | str | None = None,
 ) -> dict:
     """Write the run's checkpoint into `to`; returns what was written (for the CLI to print). `merged=True` insists
-    the run is an adapter run (whose adapter is merged into the base either way)."""
+    the run is an adapter run (whose adapter is merged into the base either way); weights over `max_shard_size`
+    (transformers' default, 50GB, when None) are written as shards with their index."""
     to = Path(to)
+    parse_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)  # a bad size before any work
     _check_target(to, overwrite)
     _check_not_source(run, which, to)
     if merged and not is_adapter_checkpoint(_step_dir(run, which)):
@@ -83,7 +86,7 @@ def export_run(
     if loaded.kind == "finetune":
         notes.append(f"task head {type(model.head).__name__} left out (the Hugging Face layout has no place for it)")
         model = model.backbone
-    model.save_pretrained(to, loaded.tokenizer)
+    model.save_pretrained(to, loaded.tokenizer, max_shard_size)
     architecture = json.loads((to / CONFIG).read_text(encoding="utf-8"))["architectures"][0]
     return {
         "checkpoint": str(loaded.ckpt.path),
@@ -112,6 +115,12 @@ def export_adapter(
         )
     model, notes, head = loaded.model, list(loaded.notes), None
     root = model.backbone if loaded.kind == "finetune" else model
+    kind = getattr(root.config, "hf_model_type", "bert")  # a RoBERTa's encoder keeps BERT's module names
+    if kind == "distilbert" or (kind != "bert" and not isinstance(root, BERT)):
+        raise TinygraftError(
+            f"{str(run)!r} adapts a {kind} model, whose module names in transformers differ from the BERT names its "
+            "adapter is keyed by; export the merged model with --to DIR instead"
+        )
     prompt = next(virtual_layers(root), None)
     if prompt is not None:
         _, config, _ = prompt_settings(root)
@@ -122,11 +131,13 @@ def export_adapter(
             )
     if loaded.kind == "finetune":
         task = get_task(loaded.finetune.task)
-        head = task.peft_head(model.head) if isinstance(model.backbone, BERT) else None
+        head = task.peft_head(model.head) if isinstance(model.backbone, BERT) and kind == "bert" else None
         if head is not None and prompt is not None and not isinstance(config, PrefixConfig):
             head = None  # peft's task models pool the first virtual token, ours the real [CLS]
             notes.append(f"task head {type(model.head).__name__} left out: peft's task models read a prompt's first "
                          "virtual token where ours read the real text")  # fmt: skip
+        elif head is None and kind != "bert":
+            notes.append(f"task head {type(model.head).__name__} left out: peft's {kind} task models name it otherwise")
         elif head is None:
             notes.append(
                 f"task head {type(model.head).__name__} left out: no task model of peft + transformers computes it "

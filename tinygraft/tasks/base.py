@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tinygraft.core.config import setting
+from tinygraft.data import arrow
 from tinygraft.data import labeled as L
 from tinygraft.errors import TinygraftError
 from tinygraft.peft.files import PeftHead
@@ -42,13 +43,15 @@ class DataSettings:
 
     train: str | list[str] | None = setting(
         None,
-        "training data (TSV/CSV/JSONL, CoNLL, SQuAD JSON); omitted: the stdlib docstring demo; NAME=FILE, repeated: "
-        "one adapter and head per name, trained together in mixed batches",
+        "training data (TSV/CSV/JSONL, Parquet, a `datasets` save_to_disk DIR or DIR:SPLIT, CoNLL, SQuAD JSON); "
+        "omitted: the stdlib docstring demo; NAME=FILE, repeated: one adapter and head per name, trained together in "
+        "mixed batches",
         repeat=True,
     )
     val: str | list[str] | None = setting(
         None,
-        "validation data (a SQuAD JSON given as --train alone is split by article); NAME=FILE with named --train",
+        "validation data (a SQuAD JSON given as --train alone is split by article; a saved DatasetDict DIR: its "
+        "validation split); NAME=FILE with named --train",
         repeat=True,
     )
     text_col: str | None = setting(None, "text column (default: the task's own, e.g. classify: text, qa: question)")
@@ -127,7 +130,7 @@ class Task:
     def read_validation(self, data: DataSettings, settings) -> list:
         if data.val is None:
             raise TinygraftError(f"the {self.name} task needs --val FILE (validation data) besides --train")
-        return self.read(data.val, data, settings)
+        return self.read(arrow.with_split(data.val, "validation"), data, settings)  # a saved DatasetDict's own
 
     def label_map(self, examples: list, settings) -> L.LabelMap | None:
         return None

@@ -69,7 +69,7 @@ def adapt(backbone, family: str, steps: int, lr: float, train_features, val_feat
     cfg = TrainConfig(steps=steps, batch_size=t.batch_size, seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10),
                       schedule="linear", min_lr_ratio=0.0, weight_decay=0.01, beta2=0.999,
                       eval_every=max(1, steps // 4), eval_batches=5, keep=1, seed=t.seed, device=t.device,
-                      optimizer=t.optimizer)  # fmt: skip
+                      optimizer=t.optimizer, precision=t.precision, tensorboard=t.tensorboard)  # fmt: skip
     device = resolve_device(t.device)
     evaluate = objective.evaluator(held_out, tokenizer, t.batch_size, seq_len, cfg.eval_batches, 0.15, device)
     status = "completed"

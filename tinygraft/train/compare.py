@@ -18,7 +18,6 @@ compare.json, compare.png and each run under OUT/<method>/seed-<seed>/ (logs in 
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,8 +31,9 @@ from tinygraft.core import checkpoint
 from tinygraft.core.checkpoint import atomic_write, list_steps
 from tinygraft.core.config import to_dict
 from tinygraft.core.jsonfile import read_json
+from tinygraft.data import arrow
 from tinygraft.errors import TinygraftError
-from tinygraft.train import methods, runs
+from tinygraft.train import board, methods, runs
 from tinygraft.train.config import FinetuneConfig
 from tinygraft.train.plugins import child_env
 
@@ -72,7 +72,8 @@ def child_config(cfg: FinetuneConfig, method: str, seed: int, lr: float, given: 
 
 def data_digests(cfg: FinetuneConfig) -> dict:
     paths = {"train": cfg.data.train, "val": cfg.data.val}
-    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items() if v and Path(v).is_file()}
+    digests = {k: arrow.data_sha256(v, "validation" if k == "val" else "train") for k, v in paths.items()}
+    return {k: d for k, d in digests.items() if d is not None}  # as finetune.data_digests records them
 
 
 def saved_settings(out: Path) -> tuple[dict | None, dict]:
@@ -242,6 +243,7 @@ def compare(
     unknown = sorted(set(lr_for) - set(names))
     if unknown:
         raise TinygraftError(f"--lr-for names {unknown[0]!r}, which is not in --methods")
+    board.require(cfg.train.tensorboard)
     for m in names:  # every name and setting checked before the first run starts
         child_config(cfg, m, seeds[0], 1.0, given)
     taken = {f.name for m in names for f in dataclasses.fields(methods.lookup(m)[0].Settings)}

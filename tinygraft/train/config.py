@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tinygraft import tasks
+from tinygraft.core import precision
 from tinygraft.core.config import apply_overrides, flag_name, from_dict, setting, to_dict
 from tinygraft.errors import TinygraftError
 from tinygraft.models.presets import get_preset
@@ -29,8 +30,19 @@ from tinygraft.train import methods
 
 # What may differ between a checkpoint's config and a resumed run's; anything else is refused by name, because it
 # would change the schedule, the data or the model and the run would no longer continue the one it resumes.
+# The precision may change too: weights and optimizer state stay fp32 under bf16 autocast (core/precision.py).
 RESUMABLE_CHANGES = {"train.device", "train.keep", "train.log_every", "train.compile", "train.optimizer",
-                     "train.activation_checkpointing"}  # fmt: skip
+                     "train.activation_checkpointing", "train.precision", "train.tensorboard"}  # fmt: skip
+
+
+def _precision_setting():
+    return setting("auto", precision.HELP)
+
+
+def _tensorboard_setting():
+    """Both jobs' switch for TensorBoard (train/board.py); metrics.jsonl is written either way."""
+    return setting(False, "also write metrics.jsonl's rows as TensorBoard scalars to RUN/tensorboard/ (needs "
+                          "pip install 'tinygraft[tensorboard]')")  # fmt: skip
 
 
 def _checkpointing_setting():
@@ -63,6 +75,8 @@ class TrainConfig:
     optimizer: Literal["auto", "torch", "fused"] = "auto"  # auto: tinygraft's fused AdamW on CUDA, torch's elsewhere
     device: str = "auto"  # auto: cuda when present, else cpu (--device)
     activation_checkpointing: bool = _checkpointing_setting()  # --set train.activation_checkpointing=true
+    precision: Literal["auto", "fp32", "bf16"] = _precision_setting()  # --precision
+    tensorboard: bool = _tensorboard_setting()  # --set train.tensorboard=true: RUN/tensorboard/ beside metrics.jsonl
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "keep")
@@ -86,7 +100,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     corpus: str | None = None  # a text file, a directory of *.txt/*.md/*.jsonl, or None for pydoc_data.topics
-    text_field: str = "text"  # the field holding text in JSONL files
+    text_field: str = "text"  # the field holding text in JSONL files, the column in Parquet / saved datasets
     tokenizer: str | None = None  # an existing tokenizer.json / directory; None trains one on the corpus
     vocab_size: int = 4096  # size of a tokenizer trained here
     val_fraction: float = 0.1  # share of the tokens held out for validation
@@ -348,11 +362,13 @@ class FinetuneTrain:
     patience: int | None = setting(None, "stop after this many evaluations without a better validation metric")
     keep: int = setting(1, "step checkpoints kept besides the best")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    precision: Literal["auto", "fp32", "bf16"] = _precision_setting()
     compile: bool = setting(False, "torch.compile the model")
     optimizer: Literal["auto", "torch", "fused"] = setting(
         "auto", "AdamW: tinygraft's fused kernel on CUDA and torch's fused one elsewhere (auto), torch's, or ours"
     )
     activation_checkpointing: bool = _checkpointing_setting()
+    tensorboard: bool = _tensorboard_setting()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "keep"):

@@ -87,8 +87,8 @@ def student_layers(settings: DistillSettings) -> list[int] | None:
 
 
 def preset_config(name: str, teacher_model: nn.Module, cfg=None):
-    """A preset's sizes (or `cfg`, the preset as the run resolved it) with the teacher's vocabulary and positions (a
-    preset names sizes only)."""
+    """A preset's sizes (or `cfg`, the preset as the run resolved it) with the teacher's vocabulary, positions and
+    layout (a preset names sizes only; a RoBERTa teacher's student numbers positions and pads as it does)."""
     cfg, t_cfg = cfg or get_preset(name), D.core_of(teacher_model).config
     if family(cfg) != family(t_cfg):
         raise TinygraftError(
@@ -96,7 +96,14 @@ def preset_config(name: str, teacher_model: nn.Module, cfg=None):
             "needs the same family"
         )
     fields = {"vocab_size": t_cfg.vocab_size}
-    for key in ("block_size", "max_position_embeddings", "type_vocab_size"):
+    for key in (
+        "block_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "pad_token_id",
+        "position_offset",
+        "hf_model_type",
+    ):
         if hasattr(t_cfg, key):
             fields[key] = getattr(t_cfg, key)
     return dataclasses.replace(cfg, **fields)

@@ -17,15 +17,15 @@ and the label map.
 """
 
 import dataclasses
-import hashlib
 import json
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinygraft.core import checkpoint
+from tinygraft.core import checkpoint, precision
 from tinygraft.core.config import load_config_file, to_dict
+from tinygraft.data import arrow
 from tinygraft.data import labeled as L
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.backend import describe
@@ -35,14 +35,16 @@ from tinygraft.models.pretrained import record_name, resolve_pretrained
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import say
-from tinygraft.train import adapt_first, continual, distill, methods, multi, runs
+from tinygraft.train import adapt_first, board, continual, distill, methods, multi, runs
 from tinygraft.train import config as C
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
 from tinygraft.train.loop import Job, Outcome, measure, resolve_device, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
 from tinygraft.train.run_dir import RunDir
 
-RESUMABLE = {"train.device", "train.activation_checkpointing"}  # what a resumed fine-tuning run may change
+# what a resume may change: where it runs, how it saves memory, whether TensorBoard watches, and the precision (under
+# bf16 autocast the weights and optimizer state stay fp32, so the checkpoint is the same)
+RESUMABLE = {"train.device", "train.activation_checkpointing", "train.tensorboard", "train.precision"}
 
 
 @dataclass
@@ -174,6 +176,12 @@ def with_demo(cfg: FinetuneConfig, run_dir: Path) -> FinetuneConfig:
 
 
 # --------------------------------------------------------------------------------------------------- the job
+def buckets(cfg: FinetuneConfig) -> tuple[int, int]:
+    """collate's (multiple, cap): under --compile, lengths padded up to multiples of L.BUCKET (at most the max
+    length), so the graph compiles for a few lengths, not one per batch; eager pads to each batch's longest row."""
+    return (L.BUCKET if cfg.train.compile else 1), cfg.data.max_length
+
+
 def make_evaluate(cfg: FinetuneConfig, data: TaskData, pad_id: int, timer: dict):
     task = get_task(cfg.task)
 
@@ -181,7 +189,7 @@ def make_evaluate(cfg: FinetuneConfig, data: TaskData, pad_id: int, timer: dict)
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         scorer = task.scorer(cfg.task_settings, data.label_map, data.val_examples, data.val)
-        for batch in L.eval_batches(data.val, cfg.train.eval_batch_size, pad_id):
+        for batch in L.eval_batches(data.val, cfg.train.eval_batch_size, pad_id, *buckets(cfg)):
             batch = to_device(batch, device)
             outputs, loss = model(batch)
             scorer.add(outputs, batch, loss)
@@ -265,6 +273,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if args.stop_at is not None and args.stop_at < 1:
         raise TinygraftError(f"--stop-at must be at least 1, got {args.stop_at}")
     cfg, resume = resolve(args, run_dir)
+    board.require(cfg.train.tensorboard)
     task = get_task(cfg.task)
     method = methods.make_method(cfg.method, cfg.method_settings, "finetune")  # an unknown name fails before loading
     resolve_device(cfg.train.device)
@@ -334,7 +343,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if teacher is not None:  # each example carries its index: the teacher's outputs are cached by it
         distiller = distill.Distiller(cfg.distill, teacher.model, model, task_loss, "task")
         data.train[:] = [{**f, "example": i} for i, f in enumerate(data.train)]
-    batcher = L.LabeledBatcher(data.train, cfg.train.batch_size, pad_id, seed=cfg.train.seed)
+    batcher = L.LabeledBatcher(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, True, *buckets(cfg))
     steps = cfg.train.steps or cfg.train.epochs * batcher.steps_per_epoch
     if isinstance(method, AdapterMethod):
         if resume is not None and is_adapter_checkpoint(resume.path):
@@ -369,7 +378,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         compile=t.compile,
         optimizer=t.optimizer,
         device=t.device,
+        precision=t.precision,
         activation_checkpointing=t.activation_checkpointing,
+        tensorboard=t.tensorboard,
     )
     metric, higher = task.metric(cfg.task_settings)
     config = {
@@ -455,7 +466,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         say(f"resuming {str(run_dir.path)!r} from step {resume.step} of {steps}")
     say(
         f"fine-tuning {base.source} ({model.family}) on {cfg.task}: {data.n_train} train / {data.n_val} val examples, "
-        f"{steps} steps of {t.batch_size} (lr {lr:g}, method {cfg.method}), head {head_desc}, kernels: {describe()}"
+        f"{steps} steps of {t.batch_size} (lr {lr:g}, method {cfg.method}), head {head_desc}, "
+        f"{precision.resolve(t.precision, resolve_device(t.device)).line}, kernels: {describe()}"
     )
     for line in plan:
         say(line)
@@ -486,13 +498,15 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
 
 # ------------------------------------------------------------------------------------------------------ resume
 def data_digests(cfg: FinetuneConfig, run_dir: Path) -> dict:
-    """sha256 of the training and validation files: a resumed run must read the very same examples."""
+    """sha256 of the training and validation files (a saved dataset: the split read): a resumed run must read the very
+    same examples."""
     paths = {}
     for side in ("train", "val"):
         value = getattr(cfg.data, side)
         named = multi.named_files(value, f"--{side}") or {None: value}
         paths.update({(side if n is None else f"{side}:{n}"): runs.in_run(run_dir, f) for n, f in named.items()})
-    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items() if v and Path(v).is_file()}
+    digests = {k: arrow.data_sha256(v, "validation" if k.startswith("val") else "train") for k, v in paths.items()}
+    return {k: d for k, d in digests.items() if d is not None}
 
 
 def check_same_run(resume, config: dict, cfg: FinetuneConfig, digests: dict) -> None:
@@ -507,7 +521,7 @@ def check_same_run(resume, config: dict, cfg: FinetuneConfig, digests: dict) -> 
     # The base's path may move with its environment and a setting newer than the run is absent from its config;
     # the architecture, the head, the labels and the method may not change.
     old, new = flatten(runs.upgrade(resume.config)), flatten(json.loads(json.dumps(config)))
-    free = (".device", ".activation_checkpointing")  # where it runs and how it saves memory, not what it computes
+    free = tuple(k[len("train") :] for k in RESUMABLE)  # (".device", ...): in both the finetune and train sections
     same = {k for k in old.keys() & new.keys() if old[k] == new[k] or k == "base" or k.endswith(free)}
     differ = sorted(old.keys() & new.keys() - same)
     if differ:

@@ -6,7 +6,7 @@ One optimizer step, top to bottom:
     lr = schedule(step); set it per group     # warmup + cosine/linear to a floor; group lr = lr * lr_scale
     for each of grad_accum micro-batches:
         batch = batcher.next()
-        loss = job.loss_fn(model, batch)      # under bf16 autocast on CUDA, fp32 on CPU
+        loss = job.loss_fn(model, batch)      # under bf16 autocast per train.precision (core/precision.py)
         loss += the job's extra terms (distillation), the method's penalty and every regulariser's (EWC)
         (loss / grad_accum).backward()
     clip the global grad norm; optimizer.step(); zero the grads
@@ -38,7 +38,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from tinygraft.core import checkpoint
+from tinygraft.core import checkpoint, precision
 from tinygraft.core.layers import set_activation_checkpointing
 from tinygraft.errors import TinygraftError
 from tinygraft.train.config import TrainConfig
@@ -156,6 +156,24 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+def lengths_dynamic(batch):
+    """Tell torch.compile that a padded batch's length (dim 1) varies, so the few bucket lengths share one graph
+    instead of each compiling its own; `maybe_` because a model may still specialise it (positions, say)."""
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(v, 1)
+    return batch
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (Dynamo's own tally), 0 where it has none."""
+    try:
+        return float(torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0))
+    except (AttributeError, RuntimeError):  # a private tally: absent or renamed in another torch
+        return 0.0
+
+
 def jsonable(value):
     """Batcher states hold numpy scalars and arrays; trainer_state.json wants plain JSON."""
     if isinstance(value, dict):
@@ -262,10 +280,12 @@ def train(
             raise TinygraftError(f"the run in {str(run.path)!r} already finished its {cfg.steps} steps; nothing to do")
         if stop_at is not None and stop_at <= step:
             raise TinygraftError(f"--stop-at {stop_at} is not after the checkpoint's step {step}; nothing to do")
+    if cfg.tensorboard:  # after a resume's cut of metrics.jsonl, which the event files are rebuilt from
+        run.open_board(job.config, step)
     step_model = torch.compile(model) if cfg.compile else model
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
+    compiled_before = compile_seconds()
+    prec = precision.resolve(cfg.precision, device)
+    autocast = precision.autocast(device, prec)
     schedule = dict(
         lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule
     )
@@ -322,9 +342,11 @@ def train(
             step_loss, step_tokens = 0.0, 0
             for _ in range(cfg.grad_accum):
                 batch = to_device(job.batcher.next(), device)
+                if cfg.compile:
+                    lengths_dynamic(batch)
                 with autocast():
                     loss = job.loss_fn(step_model, batch)
-                    loss = add_terms(loss, job, model, step_model, batch)
+                    loss = add_terms(loss, job, model, step_model, batch).float()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TinygraftError(
@@ -404,6 +426,7 @@ def train(
         status = "stopped"
 
     train_seconds = elapsed_before + time.perf_counter() - t_start
+    compiling = compile_seconds() - compiled_before if cfg.compile else 0.0
     results = {
         "task": job.task,
         "method": job.method.name,
@@ -417,6 +440,8 @@ def train(
         "total_params": sum(p.numel() for p in _unique(model.parameters())),
         "optimizer_state_mb": checkpoint.optimizer_state_bytes(optimizer.state_dict()) / 2**20,
         "peak_memory_mb": peak_memory_mb(device),
+        "precision": prec.name,
+        "compile_seconds": compiling,  # inside train_seconds: compiling the graphs, train's and evaluation's
         "status": status,
         "step": step,
         "steps": cfg.steps,
@@ -424,6 +449,7 @@ def train(
         **job.extra_results,
     }
     run.write_results(results)
+    run.close_board()
     rows = run.metrics()
     if rows:
         plot_metrics(rows, run.path / PLOT, job.metric)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinygraft.core import checkpoint
+from tinygraft.core import checkpoint, precision
 from tinygraft.core.config import load_toml, to_dict
 from tinygraft.data.corpus import TokenCache, read_corpus
 from tinygraft.data.tokenizer import TextTokenizer
@@ -27,8 +27,8 @@ from tinygraft.models.pretrained import inspect, load_pretrained_model, locate, 
 from tinygraft.models.student import student_from_teacher
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks.lm import objective_for, unigram_entropy
+from tinygraft.train import board, continual, distill, methods, runs
 from tinygraft.train import config as C
-from tinygraft.train import continual, distill, methods, runs
 from tinygraft.train.ewc import EWC
 from tinygraft.train.loop import Job, Outcome, measure, resolve_device, seed_everything, train
 from tinygraft.train.methods.adapter import AdapterMethod, check_base, is_adapter_checkpoint, read_base_record
@@ -69,6 +69,7 @@ class PretrainArgs:
     resume: bool = False
     overwrite: bool = False
     device: str | None = None
+    precision: str | None = None  # --precision: auto, fp32 or bf16 (core/precision.py)
     seed: int | None = None
     keep: int | None = None
     sets: list[str] | None = None
@@ -226,7 +227,8 @@ def pretrain(args: PretrainArgs) -> Outcome:
 
 def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     flags = {"preset": args.preset, "data.corpus": runs.record_path(args.data, run_dir.path) if args.data else None,
-             "train.steps": args.steps, "train.device": args.device, "train.seed": args.seed, "train.keep": args.keep,
+             "train.steps": args.steps, "train.device": args.device,
+             "train.precision": args.precision, "train.seed": args.seed, "train.keep": args.keep,
              "method": args.method}  # fmt: skip
     flags = {k: v for k, v in flags.items() if v is not None}
     flags.update({f"method_settings.{k}": v for k, v in args.method_settings.items() if v is not None})
@@ -284,6 +286,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         method = build_method(run, None, None)
     if args.stop_at is not None and args.stop_at > run.train.steps:
         raise TinygraftError(f"--stop-at {args.stop_at} is beyond the run's {run.train.steps} steps")
+    board.require(run.train.tensorboard)
 
     fam = family(model_cfg)
     corpus = runs.in_run(run_dir.path, run.data.corpus)
@@ -346,7 +349,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     say(
         f"{origin} ({fam}, {n_params:,} parameters, method {run.method}), {tokenizer.kind} vocab "
         f"{tokenizer.vocab_size}, {len(cache.train):,} train / {len(cache.val):,} val tokens, device {device}, "
-        f"kernels: {describe()}"
+        f"{precision.resolve(t.precision, device).line}, kernels: {describe()}"
     )
     say(f"unigram entropy of the val tokens: {entropy:.4f} nats (a model must beat this to use context)")
     extra = {

@@ -6,6 +6,9 @@ on the directory (flock) from its first look at it to its end, released however 
 `--resume` or an `--overwrite` of a running run gets one sentence naming the holder's pid (in `.lock`), and a lock
 left by a dead process is simply free. Temporary checkpoint directories a dead process left behind are removed
 once the lock is held.
+
+With `train.tensorboard=true` every metrics row also goes to RUN/tensorboard/ (train/board.py), through `log`, so
+every job that writes metrics.jsonl gets it; the event file is closed (flushed) when the directory is released.
 """
 
 import json
@@ -21,13 +24,14 @@ except ImportError:  # Windows: no flock; one process per run directory is then 
 from tinygraft.core import checkpoint
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
+from tinygraft.train import board
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 PLOT = "loss.png"
 ADAPT_FIRST = "adapt-first"  # `finetune --adapt-first`'s phase: a run of its own inside the run (train/adapt_first.py)
-RUN_FILES = (CONFIG, METRICS, RESULTS, "checkpoints", ADAPT_FIRST)
+RUN_FILES = (CONFIG, METRICS, RESULTS, "checkpoints", ADAPT_FIRST, board.DIR)
 LOCK = ".lock"  # the pid of the process holding the directory (the lock itself is on the directory)
 
 
@@ -35,6 +39,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._board: board.Board | None = None
 
     def __enter__(self):
         return self
@@ -73,6 +78,7 @@ class RunDir:
         return f" (pid {pid})"
 
     def release(self) -> None:
+        self.close_board()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
@@ -137,6 +143,19 @@ class RunDir:
     def log(self, row: dict) -> None:
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self._board is not None:
+            self._board.add(row)
+
+    def open_board(self, config: dict, step: int) -> None:
+        """Mirror the metrics to RUN/tensorboard/ from now on: rebuilt from metrics.jsonl as it stands (so call it
+        after a resume has cut the rows back), then each row logged."""
+        self.close_board()
+        self._board = board.Board(self.path, config, self.metrics(), step)
+
+    def close_board(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def metrics(self) -> list[dict]:
         path = self.path / METRICS
