@@ -22,6 +22,7 @@ shared (timings are noisy): the order of the sides rotates from seed to seed so 
 """
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -198,11 +199,16 @@ def mean_std(xs):
 def flops_per_token(method: str, mean_len: float) -> float:
     """MiniLM's training FLOPs per real token: 6N over its matmul weights when they train, 4N when frozen (LoRA:
     no weight gradients, only the input's), plus attention's 12 L d T."""
-    base = load_base("minilm").backbone
-    n = matmul_params(base)
-    c = base.config
+    n, n_layer, d = _minilm_shape()
     frozen_saving = 2 * n if method == "lora" else 0
-    return model_flops_per_token(n, c.n_layer, c.n_embd, mean_len) - frozen_saving
+    return model_flops_per_token(n, n_layer, d, mean_len) - frozen_saving
+
+
+@functools.cache
+def _minilm_shape() -> tuple[int, int, int]:
+    """(matmul parameters, layers, width) of MiniLM, read once (every row of a run needs them)."""
+    base = load_base("minilm").backbone
+    return matmul_params(base), base.config.n_layer, base.config.n_embd
 
 
 def side_name(impl: str, prec: str, method: str) -> str:

@@ -43,18 +43,9 @@ class Layout:
     write: Callable[[object], dict]  # BERTConfig -> config.json (less architectures, model_type, dtype)
 
 
-def _read_roberta(k: hf.ConfigKeys) -> dict:
-    k.require("position_embedding_type", "absolute", "relative position embeddings")
-    pad, rows = k.get("pad_token_id", 1), k.get("max_position_embeddings", 512)
-    if rows <= pad + 1:
-        raise TinygraftError(
-            f"{k.where} sets max_position_embeddings={rows}, which leaves no position past pad_token_id={pad} "
-            "(RoBERTa numbers positions from pad_token_id + 1)"
-        )
+def bert_fields(k: hf.ConfigKeys) -> dict:
+    """The BERTConfig fields BERT's and RoBERTa's config.json name alike (sizes, dropouts, eps, token types)."""
     return dict(
-        vocab_size=k.get("vocab_size", 50265),
-        max_position_embeddings=rows - pad - 1,
-        position_offset=pad + 1,
         type_vocab_size=k.get("type_vocab_size", 2),
         n_layer=k.get("num_hidden_layers", 12),
         n_head=k.get("num_attention_heads", 12),
@@ -63,14 +54,11 @@ def _read_roberta(k: hf.ConfigKeys) -> dict:
         dropout=k.get("hidden_dropout_prob", 0.1),
         attention_dropout=k.get("attention_probs_dropout_prob", 0.1),
         layer_norm_eps=k.get("layer_norm_eps", 1e-12),
-        pad_token_id=pad,
-        # the LM head's GELU is the erf form whatever hidden_act says, and ours follows hidden_act: only "gelu" agrees
-        hidden_act=k.activation("hidden_act", "gelu", {"none"}),
-        hf_model_type="roberta",
     )
 
 
-def _write_roberta(c) -> dict:
+def bert_keys(c) -> dict:
+    """BERT's config.json keys for a BERTConfig, RoBERTa's too: its table holds position_offset more rows."""
     return {
         "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd,
@@ -88,6 +76,30 @@ def _write_roberta(c) -> dict:
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
     }
+
+
+def _read_roberta(k: hf.ConfigKeys) -> dict:
+    k.require("position_embedding_type", "absolute", "relative position embeddings")
+    pad, rows = k.get("pad_token_id", 1), k.get("max_position_embeddings", 512)
+    if rows <= pad + 1:
+        raise TinygraftError(
+            f"{k.where} sets max_position_embeddings={rows}, which leaves no position past pad_token_id={pad} "
+            "(RoBERTa numbers positions from pad_token_id + 1)"
+        )
+    return dict(
+        vocab_size=k.get("vocab_size", 50265),
+        max_position_embeddings=rows - pad - 1,
+        position_offset=pad + 1,
+        **bert_fields(k),
+        pad_token_id=pad,
+        # the LM head's GELU is the erf form whatever hidden_act says, and ours follows hidden_act: only "gelu" agrees
+        hidden_act=k.activation("hidden_act", "gelu", {"none"}),
+        hf_model_type="roberta",
+    )
+
+
+def _write_roberta(c) -> dict:
+    return bert_keys(c)
 
 
 def _read_distilbert(k: hf.ConfigKeys) -> dict:
