@@ -270,7 +270,8 @@ def test_every_method_settings_round_trip_through_config_json(name):
             continue
         tp = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         changed[f.name] = {bool: not f.default, str: "query", int: 3, float: 0.5}[tp[0]]
-        changed[f.name] = {"prompt_init": "text:query"}.get(f.name, changed[f.name])  # a str with a form
+        formed = {"prompt_init": "text:query", "template": "query: {text}", "label_text": "1=query"}
+        changed[f.name] = formed.get(f.name, changed[f.name])  # a str with a form
     settings = methods.settings_for(cls.name, changed)
     if "finetune" in cls.jobs:  # a fine-tuning run's config.json "finetune" section, written and read back
         flags = {"method": cls.name, **{f"method_settings.{k}": v for k, v in changed.items()}}

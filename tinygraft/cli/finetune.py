@@ -13,9 +13,9 @@ from tinygraft.train.config import FinetuneConfig, FinetuneContinual, FinetuneTr
 from tinygraft.train.finetune import FinetuneArgs, finetune
 
 
-def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = ()) -> None:
-    """The flags `finetune`, `compare` and `distill` share (compare takes --methods / --seeds / --lr-for instead of
-    --method and --seed; distill takes --student instead of --from: `skip`)."""
+def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = (), out: str | None = None) -> None:
+    """The flags `finetune`, `compare`, `advise` and `distill` share (compare and advise take no --method and --seed;
+    distill takes --student instead of --from: `skip`); `out`: a default --out (advise's), else it is required."""
     add_settings(p, FinetuneConfig, "", skip=(*skip, "method") if compare else skip)
     if "source" not in skip:
         revision_arg(p, "source", "--from")
@@ -27,9 +27,12 @@ def add_finetune_flags(p, compare: bool = False, skip: tuple[str, ...] = ()) -> 
         cls = methods.METHODS[name]
         add_settings(p, cls.Settings, "method_settings.", title=f"--method {name}: {cls.summary}")
     config_args(p, "data, train, task_settings, method_settings; a run's config.json 'finetune' section too")
-    p.add_argument(
-        "--out", required=True, help="run directory" + (" holding one run per method and seed" if compare else "")
-    )
+    if out is not None:
+        p.add_argument("--out", default=out, help=f"the directory of advise's measuring runs (default: {out})")
+    else:
+        p.add_argument(
+            "--out", required=True, help="run directory" + (" holding one run per method and seed" if compare else "")
+        )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
 

@@ -10,6 +10,8 @@ GPT's own LM head). What a head declares, the model reads:
     head.pair_inputs   True: the batch holds two texts (keys suffixed _a and _b), encoded one after the other
     head.pooling       the pooling it reads, if any (models/pooling.py); "pooler" needs a BERT with a pooler
     head.family        the backbone family it needs ("gpt" to reuse a causal LM's head), or None for either
+    head.reads_tokens  True: it is called as head(backbone, batch) and runs the backbone on sequences of its own
+                       (a GPT's zero-shot label likelihoods, train/methods/noshot.py), not on the batch's text alone
 
 Batch keys (from data/labeled.py's collate): `input_ids`, `attention_mask` (1 = real token, right-padded),
 `token_type_ids` (BERT), and the targets the head reads; keys a head does not use are ignored.
@@ -97,6 +99,8 @@ class TaskModel(nn.Module):
         return Features(out.last_hidden_state, mask, pooled, None)
 
     def forward(self, batch: dict):
+        if getattr(self.head, "reads_tokens", False):
+            return self.head(self.backbone, batch)
         if getattr(self.head, "pair_inputs", False):
             return self.head((self.encode(batch, "_a"), self.encode(batch, "_b")), batch)
         return self.head(self.encode(batch), batch)

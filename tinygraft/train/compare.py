@@ -60,6 +60,13 @@ def parse_lr_for(items: list[str]) -> dict[str, float]:
     return out
 
 
+def lr_of(method: str, lr_for: dict[str, float], lr: float | None) -> float | None:
+    """A method's rate: --lr-for's, else --lr, else its default; None for one that takes no step (zero-shot)."""
+    if methods.lookup(method)[0].trains_nothing:
+        return None
+    return lr_for.get(method, lr if lr is not None else methods.default_lr(method))
+
+
 def child_config(cfg: FinetuneConfig, method: str, seed: int, lr: float, given: dict) -> FinetuneConfig:
     """The settings of one (method, seed) run: `cfg` with that method (and the given method settings it takes),
     seed and learning rate."""
@@ -213,8 +220,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[0].set_ylim(max(0.0, lo - 0.1 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
     axes[0].set_ylabel(f"val {rows[0]['metric']} (mean ± std)")
     axes[1].bar(names, [r["trainable_pct"] for r in rows], color="tab:orange")
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("trainable parameters, % (log)")
+    log = any(r["trainable_pct"] > 0 for r in rows)  # zero-shot and few-shot alone: nothing to put on a log axis
+    if log:
+        axes[1].set_yscale("log")
+    axes[1].set_ylabel("trainable parameters, %" + (" (log)" if log else ""))
     axes[2].bar(names, [r["train_seconds"] for r in rows], color="tab:green")
     axes[2].set_ylabel("train seconds")
     for ax in axes:
@@ -252,7 +261,7 @@ def compare(
         raise TinygraftError(
             f"--{methods.flag_of(stray[0]) or stray[0]} applies to none of --methods {','.join(names)}"
         )
-    lrs = {m: lr_for.get(m, cfg.train.lr if cfg.train.lr is not None else methods.default_lr(m)) for m in names}
+    lrs = {m: lr_of(m, lr_for, cfg.train.lr) for m in names}
     results: dict[str, list[dict]] = {m: [] for m in names}
     total, i = len(names) * len(seeds), 0
     t0 = time.perf_counter()
@@ -265,15 +274,16 @@ def compare(
             secs = r.get("train_seconds_excl_eval", r["train_seconds"])
             value = r["metrics"].get(r["metric"], float("nan"))
             print(
-                f"[{i}/{total}] {m} seed {seed} (lr {lrs[m]:g}): {r['metric']} {value:.4f}, {secs:.1f} s",
+                f"[{i}/{total}] {m} seed {seed} ({'no training' if lrs[m] is None else f'lr {lrs[m]:g}'}): "
+                f"{r['metric']} {value:.4f}, {secs:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
     rows = [summarize(m, results[m]) for m in names]
-    first = results[names[0]][0]
+    steps = max(r["steps"] for r in rows)  # (zero-shot and few-shot take none)
     data = Path(cfg.data.train).name if cfg.data.train else "the stdlib docstring demo"
     title = (
-        f"{cfg.task} on {data} from {Path(cfg.source).name}: {first['steps']} steps of {cfg.train.batch_size}, "
+        f"{cfg.task} on {data} from {Path(cfg.source).name}: {steps} steps of {cfg.train.batch_size}, "
         f"seeds {','.join(map(str, seeds))}"
     )
     report = {"title": title, "rows": rows, "settings": to_dict(cfg), "wall_seconds": time.perf_counter() - t0}

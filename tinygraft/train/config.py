@@ -53,7 +53,7 @@ def _checkpointing_setting():
 
 @dataclass
 class TrainConfig:
-    steps: int = 300  # optimizer steps; fixes the learning-rate schedule (--steps)
+    steps: int = 300  # optimizer steps; fixes the learning-rate schedule (--steps); 0: evaluate the model as it is
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 128  # tokens per sequence (at most the model's positions)
@@ -79,11 +79,13 @@ class TrainConfig:
     tensorboard: bool = _tensorboard_setting()  # --set train.tensorboard=true: RUN/tensorboard/ beside metrics.jsonl
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "keep")
+        positive = ("batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "keep")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TinygraftError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.steps < 0:
+            raise TinygraftError(f"train.steps must be at least 0, got {self.steps}")
+        if not (math.isfinite(self.lr) and (self.lr > 0 or (self.lr == 0 and self.steps == 0))):
             raise TinygraftError(f"train.lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise TinygraftError("train.min_lr_ratio must be in [0, 1] and train.warmup_steps >= 0")
@@ -359,6 +361,7 @@ class FinetuneTrain:
     warmup: float = setting(0.1, "warmup as a fraction of the steps (then linear decay to 0)")
     weight_decay: float = setting(0.01, "decoupled weight decay of the matrices")
     eval_every: int | None = setting(None, "steps between evaluations (default: one epoch)")
+    log_every: int | None = setting(None, "steps between logged train rows (default: 10, or --eval-every if fewer)")
     patience: int | None = setting(None, "stop after this many evaluations without a better validation metric")
     keep: int = setting(1, "step checkpoints kept besides the best")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
@@ -374,7 +377,7 @@ class FinetuneTrain:
         for name in ("epochs", "batch_size", "eval_batch_size", "keep"):
             if getattr(self, name) < 1:
                 raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps", "eval_every", "patience"):
+        for name in ("steps", "eval_every", "log_every", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TinygraftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
@@ -409,7 +412,8 @@ class FinetuneConfig:
     source: str = setting("minilm", "HF model directory, 'minilm' (default), or a tinygraft run", flag="from")
     task: str = setting("classify", "the task (tinygraft/tasks/): classify, tokens, qa, similarity, instruct")
     method: str = setting(
-        "full", "full, linear-probe, top-k (or top-K: top-2), gradual-unfreeze, lora (train/methods/)"
+        "full",
+        "full, linear-probe, top-k (or top-K: top-2), gradual-unfreeze, lora, zero-shot, few-shot-K (train/methods/)",
     )
     data: DataSettings = field(default_factory=DataSettings)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)

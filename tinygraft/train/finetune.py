@@ -35,16 +35,18 @@ from tinygraft.models.pretrained import record_name, resolve_pretrained
 from tinygraft.peft.adapters import adapter_layers, unload
 from tinygraft.tasks import get_task
 from tinygraft.tasks.base import say
-from tinygraft.train import adapt_first, board, continual, distill, methods, multi, runs
+from tinygraft.train import adapt_first, board, continual, distill, guards, methods, multi, probe_fit, runs
 from tinygraft.train import config as C
 from tinygraft.train.config import FinetuneConfig, TrainConfig, flatten
 from tinygraft.train.loop import Job, Outcome, measure, resolve_device, seed_everything, to_device, train
 from tinygraft.train.methods.adapter import AdapterMethod, is_adapter_checkpoint, read_base_record
+from tinygraft.train.methods.base import FitData
 from tinygraft.train.run_dir import RunDir
 
-# what a resume may change: where it runs, how it saves memory, whether TensorBoard watches, and the precision (under
-# bf16 autocast the weights and optimizer state stay fp32, so the checkpoint is the same)
-RESUMABLE = {"train.device", "train.activation_checkpointing", "train.tensorboard", "train.precision"}
+# what a resume may change: where it runs, how it saves memory, what it logs and whether TensorBoard watches, and the
+# precision (under bf16 autocast the weights and optimizer state stay fp32, so the checkpoint is the same)
+RESUMABLE = {"train.device", "train.activation_checkpointing", "train.tensorboard", "train.precision",
+             "train.log_every"}  # fmt: skip
 
 
 @dataclass
@@ -132,6 +134,7 @@ class TaskData:
     n_train: int
     n_val: int
     notes: list[str] = field(default_factory=list)  # the readers' warnings, one sentence each
+    train_lines: list[int] = field(default_factory=list)  # each training feature's line in its file
 
 
 def prepare_data(cfg: FinetuneConfig, run_dir: Path, tokenizer, loaded: runs.Loaded | None) -> TaskData:
@@ -152,7 +155,8 @@ def prepare_data(cfg: FinetuneConfig, run_dir: Path, tokenizer, loaded: runs.Loa
         label_map = loaded.label_map or label_map
     train_f = task.encode(train_ex, tokenizer, data, settings, label_map, str(data.train))
     val_f = task.encode(val_ex, tokenizer, data, settings, label_map, str(data.val or data.train))
-    return TaskData(train_f, val_f, label_map, val_ex, len(train_ex), len(val_ex), notes)
+    lines = [ex.line for ex in train_ex] if len(train_f) == len(train_ex) else []  # (QA windows are not 1:1)
+    return TaskData(train_f, val_f, label_map, val_ex, len(train_ex), len(val_ex), notes, lines)
 
 
 def with_demo(cfg: FinetuneConfig, run_dir: Path) -> FinetuneConfig:
@@ -213,6 +217,17 @@ def make_multi_evaluate(cfg: FinetuneConfig, by_name: dict, pad_id: int, timer: 
         return out
 
     return evaluate
+
+
+def fit_scorer(method, model: TaskModel, cfg: FinetuneConfig, data: TaskData, tokenizer, pad_id: int, timer) -> None:
+    """A method that trains nothing (zero-shot, few-shot) builds its scorer from the data: its training time."""
+    t0 = time.perf_counter()
+    names = data.label_map.names if data.label_map is not None else []
+    fit = FitData(cfg.task, cfg.task_settings, names, data.train, data.train_lines, tokenizer, cfg.data.max_length,
+                  cfg.train.eval_batch_size, pad_id, cfg.train.seed, resolve_device(cfg.train.device))  # fmt: skip
+    for line in method.fit(model, fit):
+        say(line)
+    timer["fit_seconds"] = time.perf_counter() - t0
 
 
 def task_loss(model, batch):
@@ -345,6 +360,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         data.train[:] = [{**f, "example": i} for i, f in enumerate(data.train)]
     batcher = L.LabeledBatcher(data.train, cfg.train.batch_size, pad_id, cfg.train.seed, True, *buckets(cfg))
     steps = cfg.train.steps or cfg.train.epochs * batcher.steps_per_epoch
+    probe = probe_fit.plan(method, cfg.train.steps is not None, getattr(model, "head", None), distiller is not None)
+    steps = probe.steps(steps, batcher.steps_per_epoch) if probe is not None else steps
+    steps = 0 if method.trains_nothing else steps  # zero-shot, few-shot: one evaluation of what `fit` built
     if isinstance(method, AdapterMethod):
         if resume is not None and is_adapter_checkpoint(resume.path):
             record = read_base_record(resume.path)
@@ -353,8 +371,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
             method = multi.MultiAdapter(method, list(named)) if named is not None else method
         else:
             method.bind_base(base.base_file)
-    plan = method.prepare(model, steps, batcher.steps_per_epoch)
-    lr = cfg.train.lr if cfg.train.lr is not None else methods.default_lr(cfg.method)
+    plan = method.prepare(model, steps, batcher.steps_per_epoch) + ([probe.message(data.n_train)] if probe else [])
+    lr = 0.0 if method.trains_nothing else cfg.train.lr if cfg.train.lr is not None else methods.default_lr(cfg.method)
     eval_every = cfg.train.eval_every or batcher.steps_per_epoch
     t = cfg.train
     loop_cfg = TrainConfig(
@@ -372,7 +390,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         grad_clip=1.0,
         eval_every=eval_every,
         eval_batches=1,
-        log_every=min(10, eval_every),
+        log_every=t.log_every or min(10, eval_every),
         keep=t.keep,
         seed=t.seed,
         compile=t.compile,
@@ -397,7 +415,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     }
     if named is not None:
         config["adapters"] = list(named)
-    if not method.attaches_modules:  # a method that trains nothing fails here, before the run directory is touched
+    if method.trains_nothing:  # its scorer is built now, so bad --label-text fails before the run directory is touched
+        fit_scorer(method, model, cfg, data, tokenizer, pad_id, timer)
+    elif not method.attaches_modules:  # one with nothing to train on this task fails here, before anything is written
         if not any(p.numel() for g in method.param_groups(model) for p in g["params"]):
             raise TinygraftError(
                 f"method {cfg.method} trains nothing on the {cfg.task} task (its head has no "
@@ -429,6 +449,8 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         )  # fmt: skip
         if timer["adapt_first"]["status"] == "interrupted":
             return Outcome("interrupted", 0, {})
+        if method.trains_nothing:  # the backbone it scores with has changed
+            fit_scorer(method, model, cfg, data, tokenizer, pad_id, timer)
     if watchers:  # every metric where the fine-tuning starts (after --adapt-first), watched texts included
         timer["before_metrics"] = timer.get("before_metrics") or measure(model, evaluate, device)
         forgetting = continual.forgetting_results(timer["before_metrics"], corpora, cfg.data.train, measures)
@@ -456,6 +478,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
             "method_settings": method.describe(),
         },
     )
+    fitted: dict = {}  # how linear-probe's fit went (train/probe_fit.py), for results.json
+    if probe is not None and probe.fits:
+        job.converge = probe_fit.head_fitter(data.train, t.eval_batch_size, pad_id, probe.l2, fitted)
     if t.patience is not None:
         _add_early_stop(job, t.patience, eval_every)
     if distiller is not None:
@@ -473,7 +498,15 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         say(line)
     for note in data.notes:
         say(f"warning: {note}")
+    files = [runs.in_run(run_dir.path, f) for f in (cfg.data.train, cfg.data.val)] if named is None else None
+    early = guards.before_training(cfg, data.n_train, *files) if files else []  # a guard's first look: the settings
+    for warning in early:
+        say(f"warning: {warning}")
     outcome = train(job, loop_cfg, run_dir, resume=resume, stop_at=args.stop_at)
+    late = guards.after_training(cfg, None if job.converge else lr, run_dir.metrics())
+    late += [w for w in [probe_fit.not_converged(fitted)] if w]
+    for warning in late:
+        say(f"warning: {warning}")
     results = dict(outcome.results)
     trainable, _ = methods.trainable_summary(model)
     results["trainable_params_max"] = trainable  # gradual unfreezing ends with more than it started
@@ -481,7 +514,9 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if getattr(model, "pooled_cache", None) is not None:  # linear-probe: how often the backbone was skipped
         c = model.pooled_cache
         results["feature_cache"] = {"examples": len(c.store), "hits": c.hits, "misses": c.misses}
-    results["warnings"] = list(data.notes)
+    results["warnings"] = [*data.notes, *early, *late]
+    if probe is not None:
+        results["probe"] = fitted or {"fit": "steps", "why": probe.why}
     if named is not None:  # each name's metrics at the kept step, from the "<name>.<metric>" keys
         results["per_adapter"] = multi.per_adapter(results.get("metrics") or {}, list(named))
     if distiller is not None:
@@ -491,6 +526,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
     if watchers:
         results["forgetting"] = forgetting
     results["eval_seconds"] = timer["eval_seconds"]
+    results["train_seconds"] += timer.get("fit_seconds", 0.0)  # a method that trains nothing: building its scorer
     results["train_seconds_excl_eval"] = results["train_seconds"] - timer["eval_seconds"]
     run_dir.write_results(results)
     return Outcome(outcome.status, outcome.step, results)

@@ -12,6 +12,12 @@ One optimizer step, top to bottom:
     clip the global grad norm; optimizer.step(); zero the grads
     every log_every steps: a train row in metrics.jsonl; every eval_every steps (and the last): evaluate, checkpoint
 
+A job of 0 steps (a method that trains nothing: zero-shot, few-shot) takes no step and builds no optimizer: it
+evaluates the model as it is once and keeps that checkpoint (step 0) and its results.
+
+A job that `converge`s (the linear probe fitted by L-BFGS on cached features) runs one step, the fit, in place of the
+micro-batches and the optimizer step; its rows, evaluation and checkpoint are those of any step.
+
 What changes between jobs is in `Job` (the model, its batcher, loss and evaluation) and in the `Method`
 (train/methods/); nothing here knows which model or task it trains.
 
@@ -77,6 +83,10 @@ class Job:
     # Modules that train beside the model but are no part of it (distillation's projections): their own optimizer
     # group, saved in every checkpoint as AUX_FILE, never in the model's weights (so export and predict ignore them).
     aux: nn.Module | None = None
+    # A fit to convergence that replaces the optimizer steps (linear-probe's L-BFGS on cached features,
+    # train/probe_fit.py): a run of one step, this one, (model) -> {"loss": train loss, "tokens": tokens read,
+    # "grad_norm": the fit's last gradient}. Not Method.fit, which builds a scorer for a run of 0 steps.
+    converge: Callable[[nn.Module], dict] | None = None
 
 
 @dataclass
@@ -257,9 +267,11 @@ def train(
     aux = job.aux.to(device) if job.aux is not None and len(list(job.aux.parameters())) else None
     if aux is not None:
         groups = [*groups, {"params": list(aux.parameters()), "name": "aux"}]
-    optimizer = build_optimizer(
-        param_groups(model, groups, cfg.weight_decay), cfg.optimizer, device, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps
-    )
+    optimizer = None  # a job of 0 steps steps nothing (torch's AdamW refuses an empty parameter list)
+    if cfg.steps > 0:
+        betas = (cfg.beta1, cfg.beta2)
+        optimizer = build_optimizer(param_groups(model, groups, cfg.weight_decay), cfg.optimizer, device, cfg.lr, betas,
+                                    cfg.eps)  # fmt: skip
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     best = {"metric": job.metric, "value": None, "step": None}
     if resume is not None:
@@ -318,7 +330,7 @@ def train(
             run.checkpoints,
             step,
             model=job.method.state_dict(model),
-            optimizer=optimizer.state_dict(),
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
             trainer_state=state,
             config=job.config,
             tokenizer_json=job.tokenizer_json,
@@ -332,40 +344,51 @@ def train(
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     status = "completed"
     with StopRequest(progress) as stop:
+        if cfg.steps == 0:  # (inside the handler: a first Ctrl-C lets the one evaluation finish and be saved)
+            last_val = evaluate()
+            run.log(dict(step=0, split="val", **last_val, elapsed_s=time.perf_counter() - t_start))
+            best = {"metric": job.metric, "value": last_val.get(job.metric), "step": 0, "metrics": dict(last_val)}
+            progress.write("step 0/0: val " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+            save(is_best=True)
         while step < last:
             if stop.requested:
                 status = "interrupted"
                 break
             job.method.apply_schedule(model, step)
-            lr = lr_at(step, **schedule)
-            set_lr(optimizer, lr)
-            step_loss, step_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = to_device(job.batcher.next(), device)
-                if cfg.compile:
-                    lengths_dynamic(batch)
+            if job.converge is not None:  # no optimizer step: the trainable weights are fitted at once (lr 0 here)
                 with autocast():
-                    loss = job.loss_fn(step_model, batch)
-                    loss = add_terms(loss, job, model, step_model, batch).float()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                    fitted = job.converge(model)
+                lr, step_loss, step_tokens, grad_norm = 0.0, fitted["loss"], fitted["tokens"], fitted["grad_norm"]
+            else:
+                lr = lr_at(step, **schedule)
+                set_lr(optimizer, lr)
+                step_loss, step_tokens = 0.0, 0
+                for _ in range(cfg.grad_accum):
+                    batch = to_device(job.batcher.next(), device)
+                    if cfg.compile:
+                        lengths_dynamic(batch)
+                    with autocast():
+                        loss = job.loss_fn(step_model, batch)
+                        loss = add_terms(loss, job, model, step_model, batch).float()
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise TinygraftError(
+                            f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
+                            f"{_latest_name(run)} (try a lower train.lr)"
+                        )
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += loss_value / cfg.grad_accum
+                    step_tokens += job.count_tokens(batch)
+                trainable = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)) if trainable else 0.0
+                if not math.isfinite(grad_norm):
                     raise TinygraftError(
-                        f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
+                        f"the gradient norm became {grad_norm} at step {step + 1}; the last good checkpoint is "
                         f"{_latest_name(run)} (try a lower train.lr)"
                     )
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss_value / cfg.grad_accum
-                step_tokens += job.count_tokens(batch)
-            trainable = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)) if trainable else 0.0
-            if not math.isfinite(grad_norm):
-                raise TinygraftError(
-                    f"the gradient norm became {grad_norm} at step {step + 1}; the last good checkpoint is "
-                    f"{_latest_name(run)} (try a lower train.lr)"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += step_tokens
             window_loss, window_steps, window_tokens = (
@@ -438,7 +461,7 @@ def train(
         "tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 else 0.0,
         "trainable_params": sum(p.numel() for p in _unique(model.parameters()) if p.requires_grad),
         "total_params": sum(p.numel() for p in _unique(model.parameters())),
-        "optimizer_state_mb": checkpoint.optimizer_state_bytes(optimizer.state_dict()) / 2**20,
+        "optimizer_state_mb": checkpoint.optimizer_state_bytes(optimizer.state_dict()) / 2**20 if optimizer else 0.0,
         "peak_memory_mb": peak_memory_mb(device),
         "precision": prec.name,
         "compile_seconds": compiling,  # inside train_seconds: compiling the graphs, train's and evaluation's

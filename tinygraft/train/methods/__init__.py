@@ -16,6 +16,7 @@ from tinygraft.train.methods.bottleneck import Houlsby, Pfeiffer
 from tinygraft.train.methods.freezing import Full, GradualUnfreeze, LinearProbe, TopK, units
 from tinygraft.train.methods.ia3 import IA3Method
 from tinygraft.train.methods.lora import DoRAMethod, LoRAMethod
+from tinygraft.train.methods.noshot import FewShot, ZeroShot
 from tinygraft.train.methods.prompt import PrefixTuning, PromptTuning
 
 METHODS: dict[str, type[Method]] = {}
@@ -40,7 +41,9 @@ def lookup(name: str, job: str | None = None) -> tuple[type[Method], dict]:
                 raise TinygraftError(f"{job} trains with --method {names}, not {name!r}")
             return cls, implied
     names = ", ".join(n for n, c in METHODS.items() if job is None or job in c.jobs)
-    raise TinygraftError(f"unknown method {name!r}; known: {names} (top-k also as top-K, e.g. top-2)")
+    raise TinygraftError(
+        f"unknown method {name!r}; known: {names} (top-k also as top-K, e.g. top-2; few-shot as few-shot-K)"
+    )
 
 
 def names_for(job: str) -> list[str]:
@@ -94,6 +97,8 @@ register(Houlsby)
 register(Pfeiffer)
 register(PromptTuning)
 register(PrefixTuning)
+register(ZeroShot)
+register(FewShot)
 
 __all__ = [
     "METHODS",

@@ -12,6 +12,9 @@ parameter-efficient methods, as a small object the one loop (train/loop.py) call
     penalty(model)               a loss term the method adds to the objective's (None: none), every micro-batch
     state_dict(model) / load_state_dict(model, tensors) / extra_files(model)   what a checkpoint stores
     prepare(model, steps, steps_per_epoch)   called once by a job that knows its budget; returns lines to log
+    fit(model, data)             a method that trains nothing (`trains_nothing`: zero-shot, few-shot) builds what it
+                                 scores with from the job's data (`FitData`), before the loop; the loop then takes no
+                                 optimizer step: it evaluates once and keeps that checkpoint. Returns lines to log
 
 A method's settings are one dataclass (`Settings`, fields declared with core.config.setting: a default and a help
 line each), which is what the command-line flags of every job in `jobs` are generated from, what a run's
@@ -24,6 +27,7 @@ it).
 
 import dataclasses
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,6 +48,7 @@ class Method:
     alias: re.Pattern | None = None  # other names: top-k as top-2 ...
     changes_no_weights = False  # its trained modules sit beside the weights, which never change (EWC refuses it)
     attaches_modules = False  # attach() adds modules (adapters): its param_groups need the attached model
+    trains_nothing = False  # `fit` builds it from the data and no parameter trains: the job runs 0 steps
 
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.Settings()
@@ -73,6 +78,10 @@ class Method:
         return None
 
     def prepare(self, model: nn.Module, steps: int, steps_per_epoch: int) -> list[str]:
+        return []
+
+    def fit(self, model: nn.Module, data: "FitData") -> list[str]:
+        """Build what a method that trains nothing scores with, from the training data; returns lines to log."""
         return []
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,6 +115,23 @@ class Method:
     def describe(self) -> dict:
         """The method and its settings, for logs and results.json."""
         return {"method": self.name, **dataclasses.asdict(self.settings)}
+
+
+@dataclass
+class FitData:
+    """The job's data as a method that trains nothing reads it (`fit`; methods/noshot.py)."""
+
+    task: str
+    task_settings: object
+    label_names: list[str]  # class id -> name
+    train: list[dict]  # the training features, as the task encoded them (classify: input_ids, labels, ...)
+    lines: list[int]  # each training feature's line in its file (what a run records of the examples it drew)
+    tokenizer: object
+    max_length: int
+    batch_size: int
+    pad_id: int
+    seed: int
+    device: torch.device
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -11,7 +11,8 @@ A model is cut into *units*, top first (the order every method below counts in):
     full              every unit trains
     linear-probe      the head only (not the pooler / ln_f of unit 0); the backbone is frozen *and* kept in eval
                       mode (no dropout), so its output is the fixed feature map a probe measures (Alain & Bengio,
-                      2016); every backbone tensor stays bit-identical
+                      2016); every backbone tensor stays bit-identical; a classify head over cached features is
+                      fitted to convergence rather than stepped (train/probe_fit.py)
     top-k             units 0 .. k: the head plus the last k blocks (`--top-k K`, or the method named top-K)
     gradual-unfreeze  ULMFiT (Howard & Ruder, 2018): unit 0 trains first, then one more unit every `every` steps
                       (one epoch unless told, or steps / units when the run is shorter), top first, until all train
@@ -25,6 +26,7 @@ the state it sets depends only on the step. A frozen parameter has no `.grad`, s
 update, no weight decay, no state) until it unfreezes.
 """
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -98,6 +100,21 @@ class LinearProbeSettings(BlockSettings):
     feature_cache: bool = setting(
         True, "linear-probe: read each example's pooled features from a cache after the frozen backbone's first pass"
     )
+    probe_epochs: int | None = setting(
+        None, "linear-probe: train the head by this many epochs of AdamW steps instead of fitting it to convergence"
+    )
+    probe_l2: float | None = setting(
+        None,
+        "linear-probe's fit: L2 strength l, minimising mean loss + l/2 ||W||^2 (default: the features' mean squared "
+        "norm / N examples, scikit-learn's LogisticRegression at C=1 on unit-norm features)",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.probe_epochs is not None and self.probe_epochs < 1:
+            raise TinygraftError(f"--probe-epochs must be at least 1, got {self.probe_epochs}")
+        if self.probe_l2 is not None and not (math.isfinite(self.probe_l2) and self.probe_l2 >= 0):
+            raise TinygraftError(f"--probe-l2 must be a number >= 0, got {self.probe_l2}")
 
 
 @dataclass
@@ -186,7 +203,9 @@ class LinearProbe(BlockMethod):
     """Only the head trains; the backbone is frozen and in eval mode, so dropout never touches its features.
 
     With `feature_cache` a pooling head (classify, similarity) reads each example's pooled features from a cache
-    after the backbone's first pass over it (models/heads.py: PooledCache): epoch 2 on costs the head alone.
+    after the backbone's first pass over it (models/heads.py: PooledCache): epoch 2 on costs the head alone. A
+    classify head over cached features is then fitted to convergence in one pass instead of stepped (full-batch
+    L-BFGS, train/probe_fit.py); `probe_epochs` or the job's --steps step it as any method.
     """
 
     name = "linear-probe"
