@@ -36,21 +36,21 @@ def rows_of(train: dict, val: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- small data, full
 def test_small_full_fires_below_500_examples_of_full_fine_tuning_only():
-    command = guards.compare_command(cfg(method="full"), "/d/train.tsv", "/d/val.tsv")
+    command = guards.advise_command(cfg(method="full"), "/d/train.tsv", "/d/val.tsv")
     said = guards.small_full("full", 499, command)
     assert "499 training examples" in said and "linear probe or LoRA" in said and said.endswith(command)
     assert guards.small_full("full", 500, command) is None
     assert guards.small_full("lora", 40, command) is None and guards.small_full("linear-probe", 40, command) is None
 
 
-def test_the_suggested_compare_command_is_one_the_cli_accepts():
+def test_the_suggested_advise_command_is_one_the_cli_accepts():
     c = cfg(method="full", task="classify", **{"data.text_col": "sentence", "data.max_length": 64,
                                                "data.max_train": 300})  # fmt: skip
-    command = guards.compare_command(c, "/my data/train.tsv", "/my data/dev.tsv")
+    command = guards.advise_command(c, "/my data/train.tsv", "/my data/dev.tsv")
     argv = shlex.split(command)
-    assert argv[:2] == ["tinygraft", "compare"]
+    assert argv[:2] == ["tinygraft", "advise"]
     ns = build_parser().parse_args(argv[1:])
-    assert ns.methods == "linear-probe,lora,full" and getattr(ns, "data.train") == "/my data/train.tsv"
+    assert getattr(ns, "data.train") == "/my data/train.tsv" and getattr(ns, "data.val") == "/my data/dev.tsv"
     assert getattr(ns, "data.text_col") == "sentence" and getattr(ns, "data.max_train") == 300
     assert getattr(ns, "data.max_length") == 64 and ns.source == "minilm"
 
@@ -142,7 +142,7 @@ def test_finetune_prints_the_guards_and_keeps_them_in_results(env, tmp_path, cap
     warnings = json.loads((out / "results.json").read_text())["warnings"]
     assert len(warnings) == 2
     assert warnings[0].startswith("full fine-tuning on 48 training examples (fewer than 500)")
-    assert f"--train {env['train']}" in warnings[0] and "--methods linear-probe,lora,full" in warnings[0]
+    assert f"--train {env['train']}" in warnings[0] and "tinygraft advise --from" in warnings[0]
     assert warnings[1].startswith("--lr 0.01 is 200x full's default 5e-05 on a pretrained model")
     assert all(f"warning: {w}" in err for w in warnings)
     code, _, err = run([*args[:-2], "--method", "lora", "--out", tmp_path / "quiet"], capsys)

@@ -1,5 +1,5 @@
-"""The `tinygraft` command: pretrain, finetune, distill, predict, compare, sample, eval, info, embed, export, cka,
-probe, forgetting.
+"""The `tinygraft` command: pretrain, finetune, distill, predict, compare, advise, sample, eval, info, embed, export,
+cka, probe, forgetting.
 
     pretrain   pre-train a GPT (causal LM) or BERT (masked LM) preset, or continue one `--from` a pretrained
                directory or run; `--method lora` trains adapters only
@@ -7,6 +7,7 @@ probe, forgetting.
     distill    a smaller student trained from a teacher (soft labels, hidden states, attention relations)
     predict    a fine-tuned run's predictions on a file or stdin
     compare    several fine-tuning methods on one task: the transfer-learning table
+    advise     which method to use: the data, the domain gap, what the model knows and each method's cost, measured
     sample     text from a GPT checkpoint
     eval       validation loss and perplexity of a checkpoint
     info       what a run, a checkpoint, a Hugging Face directory or `minilm` holds
@@ -26,6 +27,7 @@ import errno
 import sys
 
 from tinygraft.cli import (
+    advise,
     cka,
     compare,
     distill,
@@ -44,7 +46,8 @@ from tinygraft.cli.common import INTERRUPTED, apply_revision
 from tinygraft.errors import TinygraftError
 from tinygraft.train.plugins import load_plugins
 
-COMMANDS = (pretrain, finetune, distill, predict, compare, sample, eval_, info, embed, export, cka, probe, forgetting)
+COMMANDS = (pretrain, finetune, distill, predict, compare, advise, sample, eval_, info, embed, export, cka, probe,
+            forgetting)  # fmt: skip
 # The environment's refusals: a read-only or full disk, a quota, a file the user may not read or write. Any other
 # OSError is a bug and keeps its traceback.
 OS_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -5,7 +5,7 @@ prints each as `warning: ...` and keeps them under `warnings` in results.json.
 
     small_full    full fine-tuning on fewer than SMALL_DATA training examples: every weight of the model chasing a few
                   hundred labels overfits and swings from seed to seed; the probe or LoRA train a sliver of them.
-                  Known before training, so said at the start, with the `compare` command that measures the three.
+                  Known before training, so said at the start, with the `advise` command that measures them.
     high_lr       a learning rate more than LR_FACTOR times the method's default on a pretrained model, with the loss
                   spike it caused: the first logged train loss against the highest before the third evaluation
     overfitting   the validation loss pulling away from the train loss: their gap growing over OVERFIT_EVALS
@@ -47,10 +47,11 @@ def small_full(method: str, n_train: int, command: str) -> str | None:
     )
 
 
-def compare_command(cfg: FinetuneConfig, train: str, val: str | None) -> str:
-    """The `tinygraft compare` of the probe, LoRA and full fine-tuning on this run's data and columns."""
+def advise_command(cfg: FinetuneConfig, train: str, val: str | None) -> str:
+    """The `tinygraft advise` on this run's data and columns: it measures the probe, LoRA and full fine-tuning here
+    and prints the `compare` of them."""
     d = cfg.data
-    parts = ["tinygraft", "compare", "--from", cfg.source]
+    parts = ["tinygraft", "advise", "--from", cfg.source]
     if cfg.task != "classify":
         parts += ["--task", cfg.task]
     parts += ["--train", train] + (["--val", val] if val is not None else [])
@@ -63,7 +64,7 @@ def compare_command(cfg: FinetuneConfig, train: str, val: str | None) -> str:
     ):
         if value is not None:
             parts += [flag, str(value)]
-    parts += ["--max-length", str(d.max_length), "--methods", "linear-probe,lora,full", "--out", "runs/compare"]
+    parts += ["--max-length", str(d.max_length)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -132,7 +133,7 @@ def overfitting(rows: list[dict], patience: int | None) -> str | None:
 
 # -------------------------------------------------------------------------------------------- what finetune calls
 def before_training(cfg: FinetuneConfig, n_train: int, train: str, val: str | None) -> list[str]:
-    found = small_full(cfg.method, n_train, compare_command(cfg, train, val)) if cfg.distill.teacher is None else None
+    found = small_full(cfg.method, n_train, advise_command(cfg, train, val)) if cfg.distill.teacher is None else None
     return [found] if found else []
 
 
