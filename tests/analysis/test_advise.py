@@ -133,6 +133,8 @@ def test_advise_measures_recommends_and_prints_commands_the_cli_takes(env, tmp_p
     assert report["trial"]["epochs"] == 17 and Path(report["trial"]["run"], "results.json").is_file()
     assert all(0.0 <= v <= 1.0 for v in report["scores"].values())
     assert set(report["costs"]) == {"full", "lora", "linear-probe"}
+    assert report["costs"]["linear-probe"]["unit"] == "example"  # the probe's cost is its fit: no timed probe run
+    assert not (out / "runs" / "linear-probe-timed").exists()
     assert all(c["step_seconds"] > 0 and c["peak_mb"] > 0 and c["fits"] for c in report["costs"].values())
     a = report["advice"]
     assert a["method"] in ("zero-shot", "linear-probe", "lora") and "fewer than 100" in a["branch"]  # 48 examples
@@ -187,3 +189,15 @@ def test_the_pretrain_command_reads_the_texts_advise_wrote(tmp_path):
     assert fine.source == "runs/advise/domain" and fine.method == "lora" and getattr(fine, "train.lr") == 1e-3
     assert "--label-text" not in cmds["finetune"]  # LoRA takes no label text; compare's zero-shot would
     assert "--label-text" not in cmds["compare"]  # (no zero-shot score, so no zero-shot in this compare)
+
+
+def test_a_pick_that_trains_nothing_gets_no_rate_or_epochs():
+    from tinygraft.analysis import advise_report as R  # noqa: PLC0415
+
+    advice = {"method": "zero-shot", "lr": None, "epochs": 1, "train_epochs": 20, "pretrain_first": False}
+    report = {"source": "minilm", "scores": {"zero-shot": 0.7}, "steps_per_epoch": 2, "domain": {"lm_loss": None},
+              "advice": advice}  # fmt: skip
+    cmds = R.commands(report, ["--train", "t.tsv"], {"label_text": ["--label-text", "a=b"]}, Path("runs/advise"))
+    fine = build_parser().parse_args(shlex.split(cmds["finetune"])[1:])
+    assert fine.method == "zero-shot" and "--lr" not in cmds["finetune"] and "--label-text" in cmds["finetune"]
+    assert "--epochs 20 --eval-every 8" in cmds["compare"]

@@ -47,6 +47,7 @@ class Cost:
     peak_mb: float
     fits: bool  # the peak is within MEMORY_SHARE of the device's memory
     epoch_seconds: float = 0.0  # one epoch over the whole training set, extrapolated
+    unit: str = "step"  # what step_seconds is per: "step", or "example" for the fitted probe
 
     def seconds(self, epochs: int) -> float:
         return self.epoch_seconds * epochs

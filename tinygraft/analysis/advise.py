@@ -193,7 +193,8 @@ def costs(cfg, given, n_train: int, out: Path, threads, overwrite, device, probe
     total = device_memory_mb(device)
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
     out_costs, runs_ = {}, {}
-    methods = ["full", "lora"] + ([] if probe is not None and probe.get("fit") == "lbfgs" else ["linear-probe"])
+    fitted = probe is not None and (probe.get("probe") or {}).get("fit") == "lbfgs"
+    methods = ["full", "lora"] + ([] if fitted else ["linear-probe"])
     for m in methods:
         r = timed(cfg, m, given, out, threads, overwrite)
         runs_[m] = r
@@ -203,7 +204,7 @@ def costs(cfg, given, n_train: int, out: Path, threads, overwrite, device, probe
         fit = probe["probe"]
         per_example = (fit["features_seconds"] + fit["fit_seconds"]) / fit["examples"]
         fits = probe["peak_memory_mb"] <= A.MEMORY_SHARE * total
-        out_costs["linear-probe"] = A.Cost(per_example, probe["peak_memory_mb"], fits, per_example * n_train)
+        out_costs["linear-probe"] = A.Cost(per_example, probe["peak_memory_mb"], fits, per_example * n_train, "example")
     return {"costs": out_costs, "device_memory_mb": total, "steps_per_epoch": steps_per_epoch}
 
 

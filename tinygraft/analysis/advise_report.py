@@ -25,8 +25,10 @@ def commands(report: dict, shared: list[str], method_flags: dict[str, list[str]]
                                       str(out / "domain.txt"), "--out", str(out / "domain")])  # fmt: skip
         fit_from = str(out / "domain")
     trains = a["method"] not in ("zero-shot", "linear-probe")
-    tail = ["--lr", f"{a['lr']:g}", "--epochs", str(a["epochs"]), *eval_every(a["epochs"], report["steps_per_epoch"])]
-    tail = tail if trains else []
+    tail = []
+    if trains:  # (zero-shot and the fitted probe take no rate or epochs)
+        every = eval_every(a["epochs"], report["steps_per_epoch"])
+        tail = ["--lr", f"{a['lr']:g}", "--epochs", str(a["epochs"]), *every]
     own = taken_by(method_flags, [a["method"]])
     finetune = ["tinygraft", "finetune", "--from", fit_from, *shared, *own, "--method", a["method"], *tail]
     out_cmds["finetune"] = _line([*finetune, "--out", f"runs/{a['method']}"])
@@ -86,12 +88,13 @@ def format_text(report: dict) -> str:
         trial = report.get("trial") if m == "lora" else None
         note = f" (a trial: {trial['epochs']} epochs, {trial['train_seconds']:.0f} s, {trial['run']})" if trial else ""
         lines.append(f"- {m}: validation {report['metric']} {v:.4f}{note}")
-    span = f"{a['train_epochs']} epochs; the probe: its fit"
+    n = a["train_epochs"]
+    span = f"{n} epoch{'s' if n > 1 else ''}; the probe: its fit"
     lines += ["", f"| method | step s | est. training time ({span}) | peak MB | fits the device |"]
     lines.append("|---|---|---|---|---|")
     for m, c in report["costs"].items():
         epochs = 1 if m == "linear-probe" else a["train_epochs"]
-        unit = "per example" if m == "linear-probe" else "per step"
+        unit = f"per {c.get('unit', 'step')}"
         lines.append(f"| {m} | {c['step_seconds']:.4g} ({unit}) | {_duration(c['epoch_seconds'] * epochs)} | "
                      f"{c['peak_mb']:,.0f} | {'yes' if c['fits'] else 'no'} |")  # fmt: skip
     lines += ["", f"device: {report['device']['type']}, {report['device']['memory_mb']:,.0f} MB; {report['caps']}"]
