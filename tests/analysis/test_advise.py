@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tinygraft.analysis import advice
 from tinygraft.analysis import advise as V
 from tinygraft.cli import advise as A
 from tinygraft.cli.main import build_parser, main
@@ -119,6 +120,7 @@ def env(tmp_path_factory):
 
 def test_advise_measures_recommends_and_prints_commands_the_cli_takes(env, tmp_path, capsys, monkeypatch):
     out = tmp_path / "advise"
+    monkeypatch.setattr(advice, "TRIAL_SECONDS", 1e9)  # the trial runs however slow this machine is today
     args = ["advise", "--from", env["bert"], "--train", env["train"], "--val", env["val"], "--max-length", 32,
             "--batch-size", 8, "--label-text", "logging=logging messages", "--out", out, "--json"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
