@@ -58,11 +58,13 @@ def check(report: dict, rows: list[dict]) -> dict:
     }
 
 
-def run_case(name: str, flags: list[str], work: Path) -> dict:
+def run_case(name: str, flags: list[str], work: Path, report_only: bool) -> dict:
     out = work / name
-    report = json.loads(tinygraft(["advise", "--from", "minilm", *flags, "--out", str(out), "--json"], capture=True))
-    compare = shlex.split(report["commands"]["compare"])
-    tinygraft(compare[1:])
+    if report_only:
+        report = json.loads((out / "advice.json").read_text())
+    else:
+        report = json.loads(tinygraft(["advise", "--from", "minilm", *flags, "--out", str(out), "--json"], True))
+        tinygraft(shlex.split(report["commands"]["compare"])[1:])
     rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "advice.md", OUT / f"advise-{name}.md")
@@ -80,7 +82,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         c, a = r["check"], r["advice"]
         scores = ", ".join(f"{m} {v:.3f}" for m, v in r["scores"].items())
-        rec = a["method"] + (f", {a['epochs']} epochs" if a["method"] not in ("zero-shot", "linear-probe") else "")
+        epochs = f", {a['epochs']} epoch{'s' if a['epochs'] > 1 else ''}"
+        rec = a["method"] + (epochs if a["method"] not in ("zero-shot", "linear-probe") else "")
         holds = "yes" if c["within"] and c["no_slower"] else "**no**"
         lines.append(
             f"| {r['case']} | {r['examples']:,} | {scores} | {rec} | {c['best']} {c['best_mean']:.4f} ± "
@@ -117,13 +120,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/advise-check", help="where the runs go (reused when rerun)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    p.add_argument("--report-only", action="store_true", help="tabulate the advice.json and compare.json in --work")
     ns = p.parse_args()
     names = [c.strip() for c in ns.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
         print(f"error: unknown case {unknown[0]!r} (known: {', '.join(CASES)})", file=sys.stderr)
         return 2
-    results = [run_case(c, CASES[c], Path(ns.work)) for c in names]
+    results = [run_case(c, CASES[c], Path(ns.work), ns.report_only) for c in names]
     text = markdown(results)
     print(text)
     (OUT / "advise-check.md").write_text(text, encoding="utf-8")
