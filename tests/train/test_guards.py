@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
+from tests.cli.tiny_runs import run_cli as run
 from tests.train.finetune_fixtures import demo_rows, make_env
-from tinygraft.cli.main import build_parser, main
+from tinygraft.cli.main import build_parser
 from tinygraft.data.tokenizer import TextTokenizer
 from tinygraft.train import guards
 from tinygraft.train.config import resolve_finetune
@@ -125,12 +126,6 @@ def test_the_gap_uses_the_train_rows_since_the_last_evaluation():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return make_env(tmp_path_factory.mktemp("guards"))
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_finetune_prints_the_guards_and_keeps_them_in_results(env, tmp_path, capsys):

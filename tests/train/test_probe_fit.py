@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from tests.cli.tiny_runs import run_cli as run
 from tests.train.finetune_fixtures import make_env
-from tinygraft.cli.main import main
 from tinygraft.core import checkpoint
 from tinygraft.data.labeled import LabeledBatcher
 from tinygraft.models.heads import TaskModel
@@ -29,12 +29,6 @@ SCIPY_GTOL = GRAD_TOL  # L-BFGS-B's: max |projected gradient| (float64 reaches ~
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return make_env(tmp_path_factory.mktemp("probe"))
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def features(env, path):

@@ -57,10 +57,6 @@ def _line(parts: list[str]) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _duration(seconds: float) -> str:
-    return A._duration(seconds)
-
-
 def format_text(report: dict) -> str:
     d, dom, a = report["data"], report["domain"], report["advice"]
     lines = [f"## advise: {report['task']} from {report['source']}", "", "### what was measured", ""]
@@ -95,7 +91,7 @@ def format_text(report: dict) -> str:
     for m, c in report["costs"].items():
         epochs = 1 if m == "linear-probe" else a["train_epochs"]
         unit = f"per {c.get('unit', 'step')}"
-        lines.append(f"| {m} | {c['step_seconds']:.4g} ({unit}) | {_duration(c['epoch_seconds'] * epochs)} | "
+        lines.append(f"| {m} | {c['step_seconds']:.4g} ({unit}) | {A._duration(c['epoch_seconds'] * epochs)} | "
                      f"{c['peak_mb']:,.0f} | {'yes' if c['fits'] else 'no'} |")  # fmt: skip
     lines += ["", f"device: {report['device']['type']}, {report['device']['memory_mb']:,.0f} MB; {report['caps']}"]
     lines += ["", "### recommendation", "", f"**{a['method']}**"]

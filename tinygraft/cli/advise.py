@@ -9,15 +9,11 @@ from pathlib import Path
 
 from tinygraft.analysis import advise_report as R
 from tinygraft.analysis.advise import advise
+from tinygraft.cli.compare import PREFIX, settings_of
 from tinygraft.cli.finetune import add_finetune_flags
 from tinygraft.cli.flags import given
 from tinygraft.core.checkpoint import atomic_write
-from tinygraft.core.config import load_config_file
-from tinygraft.errors import TinygraftError
-from tinygraft.train.config import resolve_finetune
-from tinygraft.train.finetune import normalized_flags
 
-PREFIX = "method_settings."
 OUT = "runs/advise"
 # The settings advise chooses itself, so the commands it prints leave them out of what it was given.
 CHOSEN = ("source", "train.lr", "train.epochs", "train.steps")
@@ -65,18 +61,9 @@ def shared_argv(ns, flags: dict) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def run(ns) -> int:
-    if any(s.split("=", 1)[0].strip().startswith(PREFIX) for s in ns.sets or []):
-        raise TinygraftError("advise takes method settings as flags (--lora-r 4) or in --config's [method_settings]")
     out = Path(ns.out)
-    file = load_config_file(ns.config) if ns.config else {}
+    cfg, method_settings = settings_of(ns, "advise")
     raw = given(ns)
-    flags = normalized_flags(raw, out)
-    method_settings = {
-        **(file.pop("method_settings", None) or {}),
-        **{k[len(PREFIX) :]: v for k, v in flags.items() if k.startswith(PREFIX)},
-    }
-    flags = {k: v for k, v in flags.items() if not k.startswith(PREFIX)}
-    cfg = resolve_finetune(None, file, flags, ns.sets)
     report = advise(cfg, out, ns.reference, ns.budget_minutes, method_settings, ns.threads, ns.overwrite, progress)
     report["commands"] = R.commands(report, *shared_argv(ns, raw), out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,13 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(ns) -> int:
-    names = parse_list(ns.methods, "methods")
-    try:
-        seeds = [int(s) for s in parse_list(ns.seeds, "seeds")]
-    except ValueError:
-        raise TinygraftError(f"--seeds {ns.seeds!r} must be comma-separated integers") from None
+def settings_of(ns, command: str) -> tuple:
+    """(the job's settings, the method settings given): compare and advise run several methods, so the method flags
+    are kept apart and handed to each method that takes them."""
     if any(s.split("=", 1)[0].strip().startswith(PREFIX) for s in ns.sets or []):
-        raise TinygraftError("compare takes method settings as flags (--lora-r 4) or in --config's [method_settings]")
+        raise TinygraftError(
+            f"{command} takes method settings as flags (--lora-r 4) or in --config's [method_settings]"
+        )
     file = load_config_file(ns.config) if ns.config else {}
     flags = normalized_flags(given(ns), Path(ns.out))
     method_settings = {
@@ -40,7 +39,16 @@ def run(ns) -> int:
         **{k[len(PREFIX) :]: v for k, v in flags.items() if k.startswith(PREFIX)},
     }
     flags = {k: v for k, v in flags.items() if not k.startswith(PREFIX)}
-    cfg = resolve_finetune(None, file, flags, ns.sets)
+    return resolve_finetune(None, file, flags, ns.sets), method_settings
+
+
+def run(ns) -> int:
+    names = parse_list(ns.methods, "methods")
+    try:
+        seeds = [int(s) for s in parse_list(ns.seeds, "seeds")]
+    except ValueError:
+        raise TinygraftError(f"--seeds {ns.seeds!r} must be comma-separated integers") from None
+    cfg, method_settings = settings_of(ns, "compare")
     lr_for = parse_lr_for(ns.lr_for)
     try:
         report = compare(cfg, ns.out, names, seeds, lr_for, method_settings, ns.threads, ns.overwrite)
