@@ -157,13 +157,25 @@ _PEAKS: dict = {}
 
 def matmul_peak_gflops(device=None, dtype=torch.float32) -> float:
     """The machine's achieved dense matmul rate in GFLOP/s for `dtype`, measured once per process and device: the
-    ceiling a training benchmark's model FLOP rate is held against (square operands: 8192 on CUDA, 2048 on a CPU,
-    beyond the caches; the median of about a second of repeats)."""
+    ceiling a training benchmark's model FLOP rate is held against (the median of about a second of repeats).
+
+    Square operands of up to 8192 on CUDA and 2048 on a CPU, beyond the caches; but the size stops doubling once one
+    multiply takes 0.1 s, since a CPU without native bf16 emulates it (2048 took a minute on a 2-core EPYC).
+    """
     device = device or bench_device()
     key = (str(device), dtype)
     if key not in _PEAKS:
-        n = 8192 if device.type == "cuda" else 2048
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        cap, n = (8192 if device.type == "cuda" else 2048), 256
+        while True:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            a @ b  # the first call pays for library start-up (cuBLAS handles), not for the multiply
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            if n >= cap or time.perf_counter() - t0 > 0.1:
+                break
+            n *= 2
         t = time_fn(lambda: a @ b, device=device, warmup=3, budget_s=1.0, flush=False)
         _PEAKS[key] = 2 * n**3 / (t.median_ms * 1e-3) / 1e9
     return _PEAKS[key]
