@@ -117,6 +117,22 @@ def test_where_scores_decide_the_cheapest_within_a_point_of_the_best(scores, pic
     assert a.epochs == (7 if pick == "lora" else 1) and a.train_epochs == 7
 
 
+@pytest.mark.parametrize(
+    ("n", "batch", "lora_seconds", "budget", "runs"),
+    [
+        (50, 16, 20.0, None, True),  # 4 steps an epoch, 20 epochs: 80 steps
+        (999, 16, 9e9, None, True),  # 63 steps an epoch, 2 epochs: 126 steps, however slow the machine is
+        (1000, 16, 1.0, None, False),  # the tree's LoRA-or-full branch: timed, not trialled
+        (999, 4, 1.0, None, False),  # 250 steps an epoch: over TRIAL_STEPS
+        (500, 16, 120.0, 60.0, False),  # over the user's budget
+        (500, 16, 50.0, 60.0, True),
+    ],
+)
+def test_the_lora_trial_is_decided_in_steps_and_the_budget_not_this_machines_seconds(n, batch, lora_seconds, budget,
+                                                                                       runs):  # fmt: skip
+    assert A.runs_trial(n, batch, lora_seconds, budget) is runs
+
+
 def test_memory_passes_over_a_run_that_does_not_fit_the_device():
     costs = {**COSTS, "full": cost(0.6, 60.0, 30000, fits=False)}
     a = A.recommend(measured(20000, costs=costs))

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from tinygraft.analysis import advice
 from tinygraft.analysis import advise as V
 from tinygraft.cli import advise as A
 from tinygraft.cli.main import build_parser, main
@@ -120,7 +119,6 @@ def env(tmp_path_factory):
 
 def test_advise_measures_recommends_and_prints_commands_the_cli_takes(env, tmp_path, capsys, monkeypatch):
     out = tmp_path / "advise"
-    monkeypatch.setattr(advice, "TRIAL_SECONDS", 1e9)  # the trial runs however slow this machine is today
     args = ["advise", "--from", env["bert"], "--train", env["train"], "--val", env["val"], "--max-length", 32,
             "--batch-size", 8, "--label-text", "logging=logging messages", "--out", out, "--json"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
@@ -131,7 +129,7 @@ def test_advise_measures_recommends_and_prints_commands_the_cli_takes(env, tmp_p
     d = report["data"]
     assert d["examples"] == 48 and sum(d["per_class"].values()) == 48 and set(d["per_class"]) == {"logging", "asyncio"}
     assert report["domain"]["lm_loss"] is None and "no LM head" in report["domain"]["lm_note"]
-    assert set(report["scores"]) == {"zero-shot", "linear-probe", "lora"}  # LoRA's trial: 48 examples cost seconds
+    assert set(report["scores"]) == {"zero-shot", "linear-probe", "lora"}  # LoRA's trial: 17 epochs of 6 steps
     assert report["trial"]["epochs"] == 17 and Path(report["trial"]["run"], "results.json").is_file()
     assert all(0.0 <= v <= 1.0 for v in report["scores"].values())
     assert set(report["costs"]) == {"full", "lora", "linear-probe"}

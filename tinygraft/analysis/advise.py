@@ -253,7 +253,7 @@ def advise(cfg: FinetuneConfig, out: Path, reference: str | None, budget_minutes
     epochs = A.epochs_for(len(train_ex), cfg.train.batch_size)
     lora = c["costs"]["lora"].seconds(epochs)
     budget = budget_minutes * 60 if budget_minutes else None
-    if scores and len(train_ex) < A.FEATURES_BELOW and lora <= min(A.TRIAL_SECONDS, budget or math.inf):
+    if scores and A.runs_trial(len(train_ex), cfg.train.batch_size, lora, budget):
         say(f"advise: LoRA for {epochs} epochs (estimated {A._duration(lora)}): is the probe enough?")
         r = trial(cfg, given, epochs, c["steps_per_epoch"], out, threads, overwrite)
         scores["lora"] = r["metrics"][r["metric"]]
@@ -279,11 +279,12 @@ def caps_line() -> str:
     return (
         f"caps: the probe and zero-shot read at most {CAP:,} training and {CAP:,} validation examples; full and "
         f"LoRA are timed over {TIMED_STEPS} steps after {WARMUP} untimed; the LM loss reads {LM_TOKENS:,} tokens; "
-        f"below {A.FEATURES_BELOW:,} examples LoRA runs whole where its estimate is under {A.TRIAL_SECONDS} s"
+        f"below {A.FEATURES_BELOW:,} examples LoRA runs whole where it is at most {A.TRIAL_STEPS} steps (and within "
+        f"the budget)"
     )
 
 
 def thresholds() -> dict:
-    names = ("PROMPT_BELOW", "FEATURES_BELOW", "FULL_FROM", "MIN_STEPS", "MAX_EPOCHS", "MEMORY_SHARE",
+    names = ("PROMPT_BELOW", "FEATURES_BELOW", "FULL_FROM", "MIN_STEPS", "MAX_EPOCHS", "TRIAL_STEPS", "MEMORY_SHARE",
              "PIECES_RATIO", "UNK_RATE", "LM_GAP")  # fmt: skip
     return {n.lower(): getattr(A, n) for n in names}

@@ -103,7 +103,8 @@ def format_text(report: dict) -> str:
         f"- thresholds: prompt below {th['prompt_below']}, probe below {th['features_below']:,}, full from "
         f"{th['full_from']:,} examples (LoRA or full between); text unlike the model's above "
         f"{th['pieces_ratio']}x pieces per word, {th['unk_rate']:.0%} unknown tokens or {th['lm_gap']:g} nats of LM "
-        f"loss; epochs for at least {th['min_steps']} steps (at most {th['max_epochs']})"
+        f"loss; epochs for at least {th['min_steps']} steps (at most {th['max_epochs']}); a LoRA trial below "
+        f"{th['features_below']:,} examples of at most {th['trial_steps']} steps"
     )
     lines += ["", "### next", ""] + [f"    {c}" for c in report["commands"].values()]
     return "\n".join(lines) + "\n"
