@@ -13,11 +13,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tinygraft.kernels import rng
 from tinygraft.kernels.attention import flash_attention
 from tinygraft.kernels.backend import backend_for
 from tinygraft.kernels.bias_gelu import bias_gelu
 
 LayerNorm = nn.LayerNorm
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with the counter-based mask of kernels/rng.py (a seed from torch's RNG, the element's
+    index): where each process of a data-parallel run holds a slice of the batch, the mask keys on the global row
+    (rng.global_rows), so N processes drop what one process drops; torch's bernoulli masks would differ per rank."""
+    if not training or p == 0.0:
+        return x
+    keep = rng.keep_mask_like(rng.new_seed(), tuple(x.shape), p, device=x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout's interface (and its place in a state dict: none) over `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
 
 # The activations a checkpoint may name (Hugging Face `hidden_act` / `activation_function` values).
 ACTIVATIONS = {

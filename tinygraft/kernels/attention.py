@@ -134,6 +134,7 @@ def flash_attention(q, k, v, causal=False, key_padding_mask=None, softmax_scale=
     if _use_triton(q, k, v):
         from tinygraft.kernels.attention_triton import flash_attention_triton
 
+        seed = rng.kernel_seed(seed) if dropout_p > 0.0 else seed
         return flash_attention_triton(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p, seed)
     if dropout_p > 0.0:
         return attention_reference(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p, seed)

@@ -190,7 +190,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
         lora_b,
         float(scaling),
         float(dropout_p),
-        int(seed) if dropout_p > 0.0 else 0,
+        rng.kernel_seed(int(seed)) if dropout_p > 0.0 else 0,
     )
     return y.reshape(*lead, weight.shape[0])
 

@@ -284,7 +284,7 @@ def segmented_lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_adapter,
     order, seg, table = plan_rows(row_adapter, lora_a.shape[0], block_m)
     y, _ = torch.ops.tinygraft.segmented_lora_linear(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, order, seg, table, block_m, dropout,
-        int(seed) if any(dropout) else 0,
+        rng.kernel_seed(int(seed)) if any(dropout) else 0,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

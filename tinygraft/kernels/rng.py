@@ -89,17 +89,61 @@ def eagerly(fn):
 # mask is the same either way; only the multiply that applies it is worth fusing, and that stays in the graph.
 @eagerly
 def keep_mask_like(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
-    """Keep-mask for a contiguous tensor of `shape`, element index = row-major position."""
+    """Keep-mask for a contiguous tensor of `shape`, element index = row-major position (in the global batch, under
+    `global_rows`)."""
     n = 1
     for s in shape:
         n *= s
-    if n > 2**31:
-        return keep_mask(seed, torch.arange(n, device=device, dtype=torch.int64), p).reshape(shape)
+    start = _row_offset(n)
+    if start + n > 2**31:
+        offsets = torch.arange(start, start + n, device=device, dtype=torch.int64)
+        return keep_mask(seed, offsets, p).reshape(shape)
     # Every index fits in 31 bits: the high word is 0, so the second round mixes with nothing (attention dropout
     # draws one of these per layer and step; this path is ~4x cheaper than the general one).
-    x = torch.arange(n, device=device, dtype=torch.int32)
+    x = torch.arange(start, start + n, device=device, dtype=torch.int32)
     x ^= seed_key(seed)
     return _keep(_mix32_int32_(_mix32_int32_(x)), p).reshape(shape)
+
+
+# Data-parallel training (core/dist.py): a process holds rows [first, first + count) of the global batch. A mask over
+# a batch-major tensor of those rows then starts at the index the same element has in the whole batch, so N
+# processes drop exactly what one process drops. None: the tensor is the whole batch.
+_ROWS: tuple[int, int] | None = None
+
+
+def _row_offset(n: int) -> int:
+    if _ROWS is None:
+        return 0
+    first, count = _ROWS
+    return first * (n // count) if n % count == 0 else 0
+
+
+def kernel_seed(seed: int) -> int:
+    """The seed a Triton kernel takes. The kernels index elements from the start of their own tensor (no row
+    offset yet), so under `global_rows` each process's seed is mixed with its first row: its masks are its own,
+    independent of the other processes' (the same seed would give every process the same masks), though not the
+    bits one process would draw for those rows, which only the PyTorch path reproduces."""
+    if _ROWS is None:
+        return seed
+    return mix32((int(seed) ^ mix32(_ROWS[0] & MASK32)) & MASK32) & 0x7FFFFFFF
+
+
+class global_rows:
+    """`with global_rows(first, count):` masks drawn inside key on the global row index (forward and backward
+    both: the backward regenerates masks)."""
+
+    def __init__(self, first: int, count: int):
+        self.rows = (first, count) if first else None
+
+    def __enter__(self):
+        global _ROWS
+        self.saved, _ROWS = _ROWS, self.rows
+        return self
+
+    def __exit__(self, *exc):
+        global _ROWS
+        _ROWS = self.saved
+        return False
 
 
 @eagerly  # a host-side draw: run eagerly rather than warn about a graph break on `.item()`

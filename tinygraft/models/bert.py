@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.layers import ACTIVATIONS, LayerNorm, init_weights, linear_gelu, multi_head_attention, run_block
+from tinygraft.core.layers import (
+    ACTIVATIONS,
+    Dropout,
+    LayerNorm,
+    init_weights,
+    linear_gelu,
+    multi_head_attention,
+    run_block,
+)
 from tinygraft.errors import TinygraftError
 from tinygraft.models import bert_family, hf
 from tinygraft.peft.prompt import virtual_tokens_of
@@ -76,7 +84,7 @@ class BERTEmbeddings(nn.Module):
         types = config.type_vocab_size
         self.token_type_embeddings = nn.Embedding(types, config.n_embd) if types else None
         self.LayerNorm = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.max_positions, self.offset, self.pad_id = config.max_position_embeddings, offset, pad
 
     def forward(self, input_ids, token_type_ids, prompt: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
@@ -125,7 +133,7 @@ class ResidualLayerNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, config.n_embd)
         self.LayerNorm = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))

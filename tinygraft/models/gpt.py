@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygraft.core.layers import KVCache, LayerNorm, init_weights, linear_gelu, multi_head_attention, run_block
+from tinygraft.core.layers import (
+    Dropout,
+    KVCache,
+    LayerNorm,
+    init_weights,
+    linear_gelu,
+    multi_head_attention,
+    run_block,
+)
 from tinygraft.errors import TinygraftError
 from tinygraft.models import hf
 from tinygraft.peft.prompt import virtual_tokens_of
@@ -27,7 +35,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.layer = layer
@@ -46,7 +54,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(linear_gelu(x, self.c_fc, "tanh")))
@@ -96,7 +104,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )

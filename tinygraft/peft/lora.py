@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygraft.core.config import setting
+from tinygraft.core.layers import dropout
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.lora import lora_linear
 from tinygraft.kernels.lora_segmented import segmented_lora_linear
@@ -199,10 +200,10 @@ class LoRALinear(AdapterLayer):
             scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
         if not self.fused:
             if cfg.use_dora:
-                y = F.linear(x, self.base_weight()) + cfg.scaling * B(A(F.dropout(x, p)))
+                y = F.linear(x, self.base_weight()) + cfg.scaling * B(A(dropout(x, p)))
                 y = y * scale.to(y.dtype)
                 return y if bias is None else y + bias.to(y.dtype)
-            return self.base(x) + cfg.scaling * B(A(F.dropout(x, p)))
+            return self.base(x) + cfg.scaling * B(A(dropout(x, p)))
         # The same math in one kernel pass: the r-wide update shares the base GEMM's output tiles.
         w = self.base_weight()
         a, b = (t.weight if t.weight.dtype == w.dtype else t.weight.to(w.dtype) for t in (A, B))

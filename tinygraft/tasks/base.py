@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinygraft.core import dist
 from tinygraft.core.config import setting
 from tinygraft.data import arrow
 from tinygraft.data import labeled as L
@@ -75,10 +76,30 @@ class NoSettings:
 
 
 class Scorer:
-    """Gathers a model's outputs over the validation batches; `result()` gives the metrics, "loss" among them."""
+    """Gathers a model's outputs over the validation batches; `result()` gives the metrics, "loss" among them.
+
+    Under several processes each rank scores its contiguous share of the batches (core/dist.share) and `gather`
+    joins the shares on every rank: the lists named in `collected`, concatenated in rank order (so in batch
+    order), and the loss sums; the metrics that need every prediction (Spearman, entity F1, SQuAD) then see each
+    validation example once.
+    """
+
+    # The lists `collect` appends to, one entry per example or batch; None (a plugin's scorer that does not say):
+    # every rank scores every batch.
+    collected: tuple[str, ...] | None = None
 
     def __init__(self):
         self.loss_sum, self.loss_weight = 0.0, 0
+
+    def gather(self) -> None:
+        if not dist.active() or self.collected is None:
+            return
+        names = ("loss_sum", "loss_weight", *self.collected)
+        every = dist.gather({k: dist.picklable_cpu(getattr(self, k)) for k in names})
+        self.loss_sum = sum(e["loss_sum"] for e in every)
+        self.loss_weight = sum(e["loss_weight"] for e in every)
+        for k in self.collected:
+            setattr(self, k, [x for e in every for x in e[k]])
 
     def add(self, outputs: dict, batch: dict, loss=None) -> None:
         if loss is not None:  # mean over examples, or over target tokens for language modelling
@@ -158,6 +179,11 @@ class Task:
 
     def scorer(self, settings, label_map, examples: list, features: list[dict]) -> Scorer:
         raise NotImplementedError
+
+    def loss_count(self, batch: dict) -> int:
+        """What the head's loss is the mean over in a batch: its examples here, target tokens for a token task
+        (several processes weigh their shares of a batch by it: train/parallel.py)."""
+        return int(batch[next(k for k in batch if k.startswith("input_ids"))].shape[0])
 
     # ---------------------------------------------------------------------------------------------- predict
     def predict_format(self, source: str | None, data: DataSettings, label_map) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.config import setting
+from tinygraft.core.layers import Dropout
 from tinygraft.data import labeled as L
 from tinygraft.data.demo import write_demo_task
 from tinygraft.errors import TinygraftError
@@ -54,7 +55,7 @@ class SequenceClassificationHead(nn.Module):
             least = "at least 2" if problem == "single_label" else "at least 1"
             raise TinygraftError(f"a {problem} head needs {least} labels, got {num_labels}")
         self.pooling, self.problem, self.num_labels = pooling, problem, num_labels
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
 
     def forward(self, features: Features, batch: dict):
@@ -85,6 +86,8 @@ class ClassifySettings:
 
 
 class ClassifyScorer(Scorer):
+    collected = ("preds", "gold")
+
     def __init__(self, problem: str):
         super().__init__()
         self.problem, self.preds, self.gold = problem, [], []

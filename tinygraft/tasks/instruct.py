@@ -40,6 +40,8 @@ class PromptCompletionHead(nn.Module):
 
 
 class PerplexityScorer(Scorer):
+    collected = ()
+
     def metrics(self):
         return {"perplexity": metrics.perplexity(self.loss_sum / self.loss_weight)} if self.loss_weight else {}
 
@@ -59,6 +61,9 @@ class Instruct(Task):
 
     def make_head(self, backbone, settings, label_map, pooling):
         return PromptCompletionHead()
+
+    def loss_count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
 
     def metric(self, settings):
         return "perplexity", False

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from tinygraft.core import dist
 from tinygraft.data.batching import CausalLMBatcher, MLMBatcher, eval_batches
 from tinygraft.errors import TinygraftError
 
@@ -32,12 +33,18 @@ class CausalLM:
     def count_tokens(batch) -> int:
         return batch[0].numel()
 
+    @staticmethod
+    def loss_count(batch) -> int:
+        """What the loss is the mean over: the targets (train/parallel.py weighs each process's share by it)."""
+        return int((batch[1] != -100).sum())
+
     def evaluator(self, val: np.ndarray, tokenizer, batch_size: int, seq_len: int, max_batches: int, mask_prob, device):
         def evaluate(model) -> dict:
             total, count = 0.0, 0
-            for x, y in eval_batches(val, batch_size, seq_len, max_batches):
+            for x, y in dist.mine(eval_batches(val, batch_size, seq_len, max_batches)):  # several processes: a share
                 loss = model(x.to(device), y.to(device))[1]
                 total, count = total + float(loss) * y.numel(), count + y.numel()
+            total, count = dist.all_sum([total, count])
             loss = total / count
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -58,16 +65,22 @@ class MaskedLM:
     def count_tokens(batch) -> int:
         return int(batch["attention_mask"].sum())
 
+    @staticmethod
+    def loss_count(batch) -> int:
+        return int((batch["labels"] != -100).sum())
+
     def evaluator(self, val, tokenizer, batch_size, seq_len, max_batches, mask_prob, device):
         def evaluate(model) -> dict:
             # A fresh batcher with a fixed seed each time: every evaluation scores the same masked positions.
             batcher = MLMBatcher(val, batch_size, seq_len, tokenizer, seed=0, mask_prob=mask_prob)
             total, count = 0.0, 0
-            for _ in range(max_batches):
-                batch = {k: v.to(device) for k, v in batcher.next().items()}
+            drawn = [batcher.next() for _ in range(max_batches)]  # every rank draws them all: the masks are a sequence
+            for batch in dist.mine(drawn):
+                batch = {k: v.to(device) for k, v in batch.items()}
                 n = int((batch["labels"] != -100).sum())
                 if n:
                     total, count = total + float(model(**batch)[1]) * n, count + n
+            total, count = dist.all_sum([total, count])
             loss = total / max(count, 1)
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

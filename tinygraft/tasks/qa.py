@@ -67,6 +67,8 @@ def window_logits(outs) -> tuple[list, list]:
 
 
 class QAScorer(Scorer):
+    collected = ("outs",)
+
     def __init__(self, examples, features):
         super().__init__()
         self.examples, self.features, self.outs = examples, features, []

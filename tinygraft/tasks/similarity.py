@@ -69,6 +69,8 @@ class SimilaritySettings:
 
 
 class SimilarityScorer(Scorer):
+    collected = ("preds", "gold")
+
     def __init__(self):
         super().__init__()
         self.preds, self.gold = [], []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygraft.core.config import setting
+from tinygraft.core.layers import Dropout
 from tinygraft.data import ner
 from tinygraft.errors import TinygraftError
 from tinygraft.models.heads import Features, hidden_size
@@ -33,7 +34,7 @@ class TokenClassificationHead(nn.Module):
     def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
         self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
 
     def forward(self, features: Features, batch: dict):
@@ -54,6 +55,8 @@ class TokensSettings:
 
 
 class TokensScorer(Scorer):
+    collected = ("preds",)
+
     def __init__(self, label_map, sentences):
         super().__init__()
         self.label_map, self.sentences, self.preds = label_map, sentences, []
@@ -109,6 +112,9 @@ class Tokens(Task):
         return PeftHead(
             "TOKEN_CLS", {"classifier.weight": head.classifier.weight, "classifier.bias": head.classifier.bias}
         )
+
+    def loss_count(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
 
     def metric(self, settings):
         return "entity_f1", True

@@ -92,8 +92,9 @@ def adapt(backbone, family: str, steps: int, lr: float, train_features, val_feat
             batcher = objective.batcher(text, t.batch_size, seq_len, tokenizer, t.seed, 0.15)
             before = resume.trainer_state["before"] if resume else measure(model, evaluate, device)
             job = Job(model=model, method=methods.make_method("full", None, "pretrain"), batcher=batcher,
-                      loss_fn=objective.loss, evaluate=evaluate, count_tokens=objective.count_tokens, config=config,
-                      task="adapt-first-" + objective.name, tokenizer_json=tokenizer.to_json(),
+                      loss_fn=objective.loss, evaluate=evaluate, count_tokens=objective.count_tokens,
+                      loss_count=objective.loss_count, config=config, task="adapt-first-" + objective.name,
+                      tokenizer_json=tokenizer.to_json(),
                       extra_results={"before": before}, extra_state={"before": before})  # fmt: skip
             outcome = train(job, cfg, sub, resume=resume)
             status, results = outcome.status, outcome.results

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinygraft.core import dist
 from tinygraft.data import labeled as L
 from tinygraft.errors import TinygraftError
 from tinygraft.kernels.kd_loss import kd_loss
@@ -343,6 +344,7 @@ def task_report(run_dir, teacher: Teacher, student, val: list[dict], pad_id: int
         {"model": "student", "metric": (results.get("metrics") or {}).get(metric),
          "params": results["total_params"], "examples_per_s": speed["student"]},
     ]  # fmt: skip
-    write_table(run_dir / "distill", rows, metric)
+    if dist.is_main():
+        write_table(run_dir / "distill", rows, metric)
     say("\n" + markdown(rows, metric))
     return {"table": rows}

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinygraft.core import checkpoint, precision
+from tinygraft.core import checkpoint, dist, precision
 from tinygraft.core.config import load_config_file, to_dict
 from tinygraft.data import arrow
 from tinygraft.data import labeled as L
@@ -193,10 +193,12 @@ def make_evaluate(cfg: FinetuneConfig, data: TaskData, pad_id: int, timer: dict)
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         scorer = task.scorer(cfg.task_settings, data.label_map, data.val_examples, data.val)
-        for batch in L.eval_batches(data.val, cfg.train.eval_batch_size, pad_id, *buckets(cfg)):
+        batches = L.eval_batches(data.val, cfg.train.eval_batch_size, pad_id, *buckets(cfg))
+        for batch in dist.mine(batches) if scorer.collected is not None else batches:  # several processes: a share
             batch = to_device(batch, device)
             outputs, loss = model(batch)
             scorer.add(outputs, batch, loss)
+        scorer.gather()
         timer["eval_seconds"] += time.perf_counter() - t0
         return scorer.result()
 
@@ -435,7 +437,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
                 f"--stop-at {args.stop_at} is not after the checkpoint's step {resume.step}; nothing to do"
             )
     run_dir.prepare(resume=args.resume, overwrite=args.overwrite)
-    if resume is None:
+    if resume is None and run_dir.writer:
         run_dir.write_config(config)
         if data.label_map is not None:
             data.label_map.save(run_dir.path / "labels.json")
@@ -461,6 +463,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         loss_fn=task_loss,
         evaluate=evaluate,
         count_tokens=L.count_tokens,
+        loss_count=task.loss_count,
         config=config,
         task=cfg.task,
         metric=metric,

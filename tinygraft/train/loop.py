@@ -44,17 +44,19 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from tinygraft.core import checkpoint, precision
+from tinygraft.core import checkpoint, dist, precision
 from tinygraft.core.layers import set_activation_checkpointing
 from tinygraft.errors import TinygraftError
 from tinygraft.train.config import TrainConfig
 from tinygraft.train.methods.base import Method
 from tinygraft.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from tinygraft.train.parallel import Parallel, count_rows
 from tinygraft.train.plots import plot_metrics
 from tinygraft.train.progress import Progress
 from tinygraft.train.run_dir import PLOT, RunDir
 
 AUX_FILE = "aux.safetensors"
+REPEAT_S = 2.0
 
 
 @dataclass
@@ -87,6 +89,9 @@ class Job:
     # train/probe_fit.py): a run of one step, this one, (model) -> {"loss": train loss, "tokens": tokens read,
     # "grad_norm": the fit's last gradient}. Not Method.fit, which builds a scorer for a run of 0 steps.
     converge: Callable[[nn.Module], dict] | None = None
+    # What loss_fn's mean is over in a batch (target tokens, examples): under N processes each rank's mean is
+    # weighted by its share of it, so the step's gradient is the one-process gradient (train/parallel.py).
+    loss_count: Callable[[Any], int] = count_rows
 
 
 @dataclass
@@ -204,7 +209,7 @@ class StopRequest:
     """First Ctrl-C: finish the current step, save a checkpoint, exit. Second Ctrl-C: abort at once."""
 
     def __init__(self, progress: Progress):
-        self.requested = False
+        self.requested, self.first = False, 0.0
         self.progress = progress
         self.previous = None
 
@@ -214,9 +219,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        # torchrun passes the terminal's Ctrl-C on to its workers, which the terminal has already sent it: under
+        # torchrun a second SIGINT within REPEAT_S is that echo, not a second Ctrl-C.
+        if self.requested and not (dist.world() > 1 and time.monotonic() - self.first < REPEAT_S):
             raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            return
+        self.requested, self.first = True, time.monotonic()
         self.progress.write("interrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
 
     def __exit__(self, *exc):
@@ -227,6 +236,7 @@ class StopRequest:
 
 # ------------------------------------------------------------------------------------------------------ the loop
 def resolve_device(name: str) -> torch.device:
+    name = dist.device_for(name)  # several processes on one machine: each its own GPU
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -254,6 +264,7 @@ def train(
     progress: Progress | None = None,
 ) -> Outcome:
     device = resolve_device(cfg.device)
+    par = Parallel(cfg.batch_size, job.method.varying_graph)
     model = job.method.attach(job.model).to(device)
     checkpointed = cfg.activation_checkpointing
     if not set_activation_checkpointing(model, checkpointed) and checkpointed:
@@ -294,7 +305,7 @@ def train(
             raise TinygraftError(f"--stop-at {stop_at} is not after the checkpoint's step {step}; nothing to do")
     if cfg.tensorboard:  # after a resume's cut of metrics.jsonl, which the event files are rebuilt from
         run.open_board(job.config, step)
-    step_model = torch.compile(model) if cfg.compile else model
+    eval_model = step_model = torch.compile(model) if cfg.compile else model
     compiled_before = compile_seconds()
     prec = precision.resolve(cfg.precision, device)
     autocast = precision.autocast(device, prec)
@@ -308,7 +319,7 @@ def train(
     def evaluate() -> dict:
         model.eval()
         with rng_preserved(), torch.no_grad(), autocast():
-            metrics = {k: float(v) for k, v in job.evaluate(step_model).items()}
+            metrics = {k: float(v) for k, v in job.evaluate(eval_model).items()}
         model.train()
         return metrics
 
@@ -317,6 +328,8 @@ def train(
     def save(is_best: bool) -> None:
         nonlocal saved_step
         saved_step = step
+        if not run.writer:  # rank 0 writes; the others hold the same state (core/dist.py)
+            return
         state = {
             "tokens_seen": tokens_seen,
             "train_seconds": elapsed_before + (time.perf_counter() - t_start),
@@ -343,6 +356,7 @@ def train(
     t_start = t_window = time.perf_counter()
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     status = "completed"
+    stop_agreed = False  # several processes: a Ctrl-C any of them took, as the last step's all-reduce carried it
     with StopRequest(progress) as stop:
         if cfg.steps == 0:  # (inside the handler: a first Ctrl-C lets the one evaluation finish and be saved)
             last_val = evaluate()
@@ -351,7 +365,7 @@ def train(
             progress.write("step 0/0: val " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
             save(is_best=True)
         while step < last:
-            if stop.requested:
+            if stop_agreed if par.on else stop.requested:
                 status = "interrupted"
                 break
             job.method.apply_schedule(model, step)
@@ -363,30 +377,39 @@ def train(
                 lr = lr_at(step, **schedule)
                 set_lr(optimizer, lr)
                 step_loss, step_tokens = 0.0, 0
-                for _ in range(cfg.grad_accum):
-                    batch = to_device(job.batcher.next(), device)
+                for micro in range(cfg.grad_accum):
+                    batch, weight, span = par.take(job.batcher.next(), job.loss_count)
+                    batch = to_device(batch, device)
                     if cfg.compile:
                         lengths_dynamic(batch)
-                    with autocast():
-                        loss = job.loss_fn(step_model, batch)
-                        loss = add_terms(loss, job, model, step_model, batch).float()
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise TinygraftError(
-                            f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
-                            f"{_latest_name(run)} (try a lower train.lr)"
-                        )
-                    (loss / cfg.grad_accum).backward()
-                    step_loss += loss_value / cfg.grad_accum
+
+                    def forward(through: nn.Module, batch=batch) -> torch.Tensor:
+                        with autocast():
+                            loss = job.loss_fn(through, batch)
+                            return add_terms(loss, job, model, through, batch).float()
+
+                    def probe() -> torch.Tensor:
+                        with rng_preserved():
+                            return forward(eval_model)
+
+                    with par.rows_of(span):
+                        step_model = par.wrap(eval_model, device, probe) if micro == 0 else step_model
+                    with par.rows_of(span), par.sync(step_model, last=micro == cfg.grad_accum - 1):
+                        loss = forward(step_model)
+                        loss_value = loss.item()
+                        if not par.on:  # several processes check the loss they agree on, below
+                            check_finite("loss", loss_value, step + 1, run)
+                        (loss * weight / cfg.grad_accum).backward()
+                    step_loss += loss_value * weight / cfg.grad_accum
                     step_tokens += job.count_tokens(batch)
+                step_loss, step_tokens, stop_agreed = par.agree(step_loss, step_tokens, stop.requested)
+                check_finite("loss", step_loss, step + 1, run)
+                if aux is not None:
+                    par.average(aux.parameters())
                 trainable = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)) if trainable else 0.0
-                if not math.isfinite(grad_norm):
-                    raise TinygraftError(
-                        f"the gradient norm became {grad_norm} at step {step + 1}; the last good checkpoint is "
-                        f"{_latest_name(run)} (try a lower train.lr)"
-                    )
+                check_finite("gradient norm", grad_norm, step + 1, run)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -445,6 +468,7 @@ def train(
         if status == "interrupted" and step > saved_step:
             save(is_best=False)
     progress.close()
+    dist.barrier()  # no rank leaves before rank 0 has saved (torchrun stops the others when one exits non-zero)
     if status == "completed" and step < cfg.steps:
         status = "stopped"
 
@@ -474,9 +498,18 @@ def train(
     run.write_results(results)
     run.close_board()
     rows = run.metrics()
-    if rows:
+    if rows and run.writer:
         plot_metrics(rows, run.path / PLOT, job.metric)
+    dist.barrier()
     return Outcome(status, step, results)
+
+
+def check_finite(what: str, value: float, step: int, run: RunDir) -> None:
+    if not math.isfinite(value):
+        raise TinygraftError(
+            f"the {what} became {value} at step {step}; the last good checkpoint is {_latest_name(run)} "
+            "(try a lower train.lr)"
+        )
 
 
 def add_terms(loss: torch.Tensor, job: Job, model: nn.Module, step_model: nn.Module, batch) -> torch.Tensor:

@@ -111,6 +111,8 @@ def _features(f: Features, rows: torch.Tensor) -> Features:
 class MultiAdapter(AdapterMethod):
     """An adapter method applied once per name; the heads train whole beside the adapters."""
 
+    varying_graph = True  # a batch (or one process's share of it) may hold no row of some name
+
     def __init__(self, inner: AdapterMethod, names: list[str]):
         super().__init__(inner.settings, inner.base, inner.base_sha256)
         self.inner, self.names = inner, list(names)

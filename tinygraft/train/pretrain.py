@@ -331,7 +331,8 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     if not resume:
         run_dir.write_config(config)
     if ewc is not None:
-        ewc.save(run_dir.path)
+        if run_dir.writer:
+            ewc.save(run_dir.path)
     elif keep.ewc > 0:
         ewc = EWC.load(keep.ewc, run_dir.path)
 
@@ -374,6 +375,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
         loss_fn=objective.loss,
         evaluate=evaluate,
         count_tokens=objective.count_tokens,
+        loss_count=objective.loss_count,
         config=config,
         task="pretrain-" + objective.name,
         tokenizer_json=tokenizer.to_json(),

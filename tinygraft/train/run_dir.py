@@ -9,6 +9,11 @@ once the lock is held.
 
 With `train.tensorboard=true` every metrics row also goes to RUN/tensorboard/ (train/board.py), through `log`, so
 every job that writes metrics.jsonl gets it; the event file is closed (flushed) when the directory is released.
+
+Under torchrun (several processes, one run) rank 0 is the directory's one writer: it locks it, prepares it and
+writes every file; the other ranks check what it checks, read what it reads (a checkpoint to resume), and write
+nothing (`writer` is False). A barrier after the check keeps rank 0 from starting the run before every rank has
+looked at the directory as it was.
 """
 
 import json
@@ -21,7 +26,7 @@ try:
 except ImportError:  # Windows: no flock; one process per run directory is then the user's to keep
     fcntl = None
 
-from tinygraft.core import checkpoint
+from tinygraft.core import checkpoint, dist
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
 from tinygraft.train import board
@@ -40,6 +45,8 @@ class RunDir:
         self.path = Path(path)
         self._lock_fd: int | None = None
         self._board: board.Board | None = None
+        self.writer = dist.is_main()
+        self._checked = False  # every rank has looked at the directory (the barrier in `check`)
 
     def __enter__(self):
         return self
@@ -53,7 +60,7 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold the directory for this process (a no-op when it does not exist yet: prepare() locks it once made)."""
-        if self._lock_fd is not None or fcntl is None or not self.path.is_dir():
+        if self._lock_fd is not None or fcntl is None or not self.path.is_dir() or not self.writer:
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -100,6 +107,12 @@ class RunDir:
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
         """Refuse what cannot work, before anything is deleted or written (the directory locked first, if it exists)."""
+        self._refuse(resume, overwrite)
+        if not self._checked:
+            self._checked = True
+            dist.barrier()
+
+    def _refuse(self, resume: bool, overwrite: bool) -> None:
         if resume and overwrite:
             raise TinygraftError("--resume and --overwrite contradict each other; choose one")
         if self.path.exists() and not self.path.is_dir():
@@ -117,11 +130,16 @@ class RunDir:
 
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """Make the directory ready for a new run (or check it holds one to resume); --overwrite deletes the old run."""
+        if not self.writer:  # rank 0 prepares; this rank looked at the directory before rank 0 could touch it
+            if not self._checked:
+                self._checked = True
+                dist.barrier()
+            return
         self.check(resume=resume, overwrite=overwrite)
         if not resume:
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock()
-            self.check(resume=False, overwrite=overwrite)  # another process may have started a run here meanwhile
+            self._refuse(False, overwrite)  # another process may have started a run here meanwhile
             if self.holds_run():
                 for name in (*RUN_FILES, PLOT):
                     target = self.path / name
@@ -132,6 +150,8 @@ class RunDir:
         self.clean_stale()
 
     def write_config(self, config: dict) -> None:
+        if not self.writer:
+            return
         checkpoint.atomic_write(self.path / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def read_config(self) -> dict:
@@ -141,6 +161,8 @@ class RunDir:
         return read_json(path, "run config")
 
     def log(self, row: dict) -> None:
+        if not self.writer:
+            return
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._board is not None:
@@ -150,6 +172,8 @@ class RunDir:
         """Mirror the metrics to RUN/tensorboard/ from now on: rebuilt from metrics.jsonl as it stands (so call it
         after a resume has cut the rows back), then each row logged."""
         self.close_board()
+        if not self.writer:
+            return
         self._board = board.Board(self.path, config, self.metrics(), step)
 
     def close_board(self) -> None:
@@ -174,10 +198,14 @@ class RunDir:
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, which the resumed run will log again."""
+        if not self.writer:
+            return
         rows = [r for r in self.metrics() if r.get("step", 0) <= step]
         checkpoint.atomic_write(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_results(self, results: dict) -> None:
+        if not self.writer:
+            return
         checkpoint.atomic_write(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
 
     def read_results(self) -> dict | None:

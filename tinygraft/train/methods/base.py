@@ -49,6 +49,7 @@ class Method:
     changes_no_weights = False  # its trained modules sit beside the weights, which never change (EWC refuses it)
     attaches_modules = False  # attach() adds modules (adapters): its param_groups need the attached model
     trains_nothing = False  # `fit` builds it from the data and no parameter trains: the job runs 0 steps
+    varying_graph = False  # which parameters a step uses changes from batch to batch (mixed-adapter batches)
 
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.Settings()
