@@ -2,6 +2,7 @@
 
     python -m bench.ddp_scaling                      # CPU: 1 and 2 processes, one thread each (gloo)
     python -m bench.ddp_scaling --procs 1,2,4,8      # a GPU machine: one GPU per process (NCCL)
+    python -m bench.ddp_scaling --quick              # toy sizes, one round (what gpu.sh --dry-run walks)
 
 Weak scaling, as DDP is used: every process keeps the same rows per step (`--rows`), so N processes train a global
 batch N times as large; efficiency = tokens/s(N) / (N * tokens/s(1)). On the CPU each process gets one thread
@@ -107,8 +108,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--quick", action="store_true", help="toy sizes: 2 rows of 32 tokens, 8 steps, one round")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="taken for bench/gpu.sh (every extra takes it); a launch here runs --steps steps")  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.quick:
+        a.rows, a.seq, a.steps, a.rounds = 2, 32, WARMUP + 3, 1
     if a.worker:
         return worker(a)
     dev = bench_device()

@@ -92,7 +92,8 @@ else
 fi
 for extra in kd_loss peft ddp_scaling; do  # written by later issues; each takes --quick and --budget-s
     if [ -f "bench/$extra.py" ]; then
-        stage extras:$extra 45 "$PY" -m "bench.$extra" $([ "$DRY" = 1 ] && echo --quick --budget-s 0.05)
+        limit=45; [ "$extra" = ddp_scaling ] && limit=90  # four torchrun launches, each importing torch twice
+        stage extras:$extra $limit "$PY" -m "bench.$extra" $([ "$DRY" = 1 ] && echo --quick --budget-s 0.05)
     elif [ -z "$ONLY" ] || [ "$ONLY" = extras ]; then
         echo "== extras:$extra: bench/$extra.py does not exist yet"
     fi

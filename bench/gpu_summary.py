@@ -73,10 +73,21 @@ def train_lines(data: dict, label: str) -> list[str]:
     return lines
 
 
+def ddp_lines(data: dict) -> list[str]:
+    """DDP's scaling at the most processes measured (none on a machine with one GPU: nothing to scale to)."""
+    rows = [r for r in data["rows"] if r["impl"] == "tinygraft" and r["processes"] > 1]
+    if not rows:
+        return []
+    r = max(rows, key=lambda r: r["processes"])
+    return [f"| DDP scaling, {r['processes']} processes | {r['tokens_per_s']:.0f} tok/s, efficiency "
+            f"{100 * r['efficiency']:.0f}% | >= 90% | {_verdict(r['efficiency'] >= 0.90)} |"]  # fmt: skip
+
+
 def summary(results: Path, dry_run: bool) -> str:
     parts = [("attention", attention_lines), ("lora", lora_lines), ("adamw", adamw_lines),
              ("train_throughput", lambda d: train_lines(d, "eager")),
-             ("train_throughput-compile", lambda d: train_lines(d, "torch.compile"))]  # fmt: skip
+             ("train_throughput-compile", lambda d: train_lines(d, "torch.compile")),
+             ("ddp_scaling", ddp_lines)]  # fmt: skip
     lines = ["| figure | measured | goal | verdict |", "|---|---|---|---|"]
     missing = []
     for name, fn in parts:

@@ -43,8 +43,12 @@ def test_summary_sets_each_figure_against_its_goal(tmp_path):
                                            "precision": "auto (bf16)", "of_peak": 0.41},
                                           {"impl": "tinygraft", "preset": "gpt2", "seq": 1024, "tokens_per_s": 2e5,
                                            "precision": "fp32", "of_peak": 0.9}])  # fmt: skip
+    _write(tmp_path, "ddp_scaling", [{"impl": "tinygraft", "processes": 1, "tokens_per_s": 1e5, "efficiency": 1.0},
+                                      {"impl": "tinygraft", "processes": 8, "tokens_per_s": 7.4e5,
+                                       "efficiency": 0.925}])  # fmt: skip
     text = gpu_summary.summary(tmp_path, dry_run=False)
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "efficiency 92%" in lines["DDP scaling, 8 processes"] and lines["DDP scaling, 8 processes"].endswith("met |")
     assert "320 TFLOP/s vs sdpa-cudnn 350" in lines["attention fwd+bwd hd128 T=4096 causal"]  # the best backend
     assert lines["attention fwd+bwd hd128 T=4096 causal"].endswith("**missed** |")
     assert "1.05x" in lines["LoRA fwd+bwd 4096x4096 r16 T8192"] and lines["LoRA fwd+bwd 4096x4096 r16 T8192"].endswith(

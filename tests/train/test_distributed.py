@@ -5,7 +5,9 @@ Each launch costs seconds (two Python processes importing torch), so a few launc
     one-process run's at the same step (1e-5), the sharded evaluations equal its evaluations, and the checkpoint
     resumes in one process to the straight run's next loss and final weights;
   - finetune LoRA (dropout on) of a tiny BERT: the adapter checkpoint equals the one-process one;
-  - a bad input on rank 1 only: both stop within 60 s, with one sentence;
+  - the same two under FSDP2 (--fsdp): sharded checkpoints whose assembled tensors equal the one-process ones, an
+    export of the sharded step, and a resume on one process;
+  - a bad input on rank 1 only, and a NaN every rank meets: both stop within 60 s, with one sentence;
   - Ctrl-C: a complete checkpoint, saved well within torchrun's 30 s shutdown.
 The 3-process resume and the two-node rendezvous take longer: TINYGRAFT_SLOW=1 runs them.
 """
@@ -27,6 +29,7 @@ from tests.cli.tiny_runs import write_corpus
 from tests.train.finetune_fixtures import demo_rows, make_bert_dir, make_data
 from tinygraft.cli.main import main
 from tinygraft.core import checkpoint, dist
+from tinygraft.models.gpt import GPT
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TINYGRAFT_CPU_BF16": "0"}
@@ -94,6 +97,30 @@ def test_ddp_pretrain_equals_one_process_and_its_checkpoint_resumes_on_one(tmp_p
     assert_same_tensors(step_dir(straight, 6) / "model.safetensors", step_dir(two, 6) / "model.safetensors")
 
 
+def test_fsdp_pretrain_equals_one_process_exports_and_resumes_on_one(tmp_path, capsys):
+    straight, two = straight_and_stopped(tmp_path, 4, "--fsdp")
+    saved = checkpoint.load(two)  # sharded: every rank's part, assembled
+    assert saved.trainer_state["sharded"] and not (saved.path / "model.safetensors").exists()
+    assert len(list((saved.path / "sharded").glob("*.safetensors"))) == 2
+    ref = checkpoint.load(straight / "checkpoints" / "step-00000004")
+    assert saved.model.keys() == ref.model.keys()
+    for k, v in ref.model.items():
+        torch.testing.assert_close(saved.model[k], v, atol=ATOL, rtol=0, msg=k)
+    for i, per in ref.optimizer["state"].items():
+        for key, v in per.items():
+            torch.testing.assert_close(saved.optimizer["state"][i][key], v, atol=ATOL, rtol=0, msg=f"{i}.{key}")
+
+    assert main(["export", str(two), "--to", str(tmp_path / "hf")]) == 0  # the sharded step, in one file
+    exported = GPT.from_pretrained(tmp_path / "hf").state_dict()  # read back from GPT-2's layout
+    for k, v in ref.model.items():
+        torch.testing.assert_close(exported[k], v, atol=ATOL, rtol=0, msg=k)
+
+    one_process(["pretrain", "--out", two, "--resume"])  # sharded by 2 processes, continued by 1
+    capsys.readouterr()
+    assert rows(two, "train")[5]["loss"] == pytest.approx(rows(straight, "train")[5]["loss"], rel=1e-6)
+    assert_same_tensors(step_dir(straight, 6) / "model.safetensors", step_dir(two, 6) / "model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def tiny_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-task")
@@ -101,21 +128,35 @@ def tiny_task(tmp_path_factory):
     return make_bert_dir(root, texts), make_data(root)
 
 
-def test_ddp_lora_finetune_saves_the_one_process_adapter(tmp_path, tiny_task, capsys):
+def lora_runs(tmp_path: Path, tiny_task, steps: int, *flags) -> tuple[dict, dict]:
+    """results.json of a LoRA fine-tuning (dropout on) in one process (RUN/one) and in two (RUN/two, with `flags`)."""
     base, data = tiny_task
     args = ["finetune", "--from", base, "--task", "classify", "--train", data["train"], "--val", data["val"],
-            "--method", "lora", "--lora-dropout", "0.1", "--steps", 6, "--batch-size", 8, "--eval-every", 3,
-            "--device", "cpu", "--precision", "fp32", "--max-length", 32]  # fmt: skip
+            "--method", "lora", "--lora-dropout", "0.1", "--steps", steps, "--batch-size", 8, "--eval-every",
+            steps // 2, "--device", "cpu", "--precision", "fp32", "--max-length", 32]  # fmt: skip
     one_process([*args, "--out", tmp_path / "one"])
-    done = torchrun([*args, "--out", tmp_path / "two"])
+    done = torchrun([*args, *flags, "--out", tmp_path / "two"])
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+    return tuple(json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+
+
+def test_ddp_lora_finetune_saves_the_one_process_adapter(tmp_path, tiny_task, capsys):
+    one, two = lora_runs(tmp_path, tiny_task, 6)
     assert two["metrics"]["accuracy"] == one["metrics"]["accuracy"]  # every validation example scored once
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-6)
     saved = sorted(p.name for p in step_dir(tmp_path / "one", 6).glob("*.safetensors"))
     assert saved == sorted(p.name for p in step_dir(tmp_path / "two", 6).glob("*.safetensors"))
     for name in saved:
         assert_same_tensors(step_dir(tmp_path / "one", 6) / name, step_dir(tmp_path / "two", 6) / name)
+
+
+def test_fsdp_lora_checkpoint_holds_every_rank_part_of_the_adapter(tmp_path, tiny_task, capsys):
+    one, two = lora_runs(tmp_path, tiny_task, 4, "--fsdp")
+    assert two["metrics"]["accuracy"] == one["metrics"]["accuracy"]
+    ref, got = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "two")
+    assert got.trainer_state["sharded"] and got.model.keys() == ref.model.keys()  # the adapter and the head only
+    for k, v in ref.model.items():  # accelerate#4206 saved (N-1)/N of each tensor missing under FSDP2
+        torch.testing.assert_close(got.model[k], v, atol=ATOL, rtol=0, msg=k)
 
 
 def test_a_bad_input_on_rank_1_only_stops_both_with_one_sentence(tmp_path, tiny_task):
@@ -130,6 +171,17 @@ def test_a_bad_input_on_rank_1_only_stops_both_with_one_sentence(tmp_path, tiny_
     ours = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert ours == [f"error (rank 1 of 2): data file '{tmp_path / 'missing-on-rank-1.tsv'}' does not exist"]
     assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no worker's traceback
+
+
+def test_a_nan_every_rank_meets_stops_them_all_at_one_step_with_one_sentence(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    t0 = time.monotonic()
+    done = torchrun(["pretrain", "--out", tmp_path / "run", "--data", corpus, *TINY, "--steps", 50, "--set",
+                     "train.lr=1e12", "--set", "train.grad_clip=0"])  # fmt: skip
+    assert time.monotonic() - t0 < 60 and done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(ours) == 1 and " became nan at step " in ours[0] and ours[0].startswith("error: the ")  # rank 0's
+    assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr
 
 
 def test_ctrl_c_under_torchrun_saves_one_complete_checkpoint(tmp_path):
@@ -172,12 +224,16 @@ def test_shard_cuts_rows_and_keeps_constants():
 
 # ---------------------------------------------------------------------------------------------------- slow
 @slow
-def test_a_two_process_checkpoint_resumes_on_three(tmp_path, capsys):
-    straight, run = straight_and_stopped(tmp_path, 2)
+@pytest.mark.parametrize("flags", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_on_three(tmp_path, capsys, flags):
+    straight, run = straight_and_stopped(tmp_path, 2, *flags)  # FSDP: 2 shards, read back as 3
     done = torchrun(["pretrain", "--out", run, "--resume"], n=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert rows(run, "train")[3]["loss"] == pytest.approx(rows(straight, "train")[3]["loss"], rel=1e-6)
-    assert_same_tensors(step_dir(straight, 6) / "model.safetensors", step_dir(run, 6) / "model.safetensors")
+    got, ref = checkpoint.load(step_dir(run, 6)), checkpoint.load(step_dir(straight, 6))
+    assert got.trainer_state.get("sharded", False) == bool(flags) and got.model.keys() == ref.model.keys()
+    for k, v in ref.model.items():
+        torch.testing.assert_close(got.model[k], v, atol=ATOL, rtol=0, msg=k)
 
 
 def free_port() -> int:

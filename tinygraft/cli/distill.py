@@ -24,6 +24,7 @@ LM_FLAGS = {
     "train.device": "device",
     "train.keep": "keep",
     "train.precision": "precision",
+    "train.fsdp": "fsdp",
 }
 LM_SETS = {"train.batch_size", "train.lr", "data.max_length", "train.tensorboard"}
 

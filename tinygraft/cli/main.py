@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
     except RuntimeError as e:  # under torchrun: another rank stopped, and said why
+        if dist.timed_out(e):
+            return refuse(f"this process waited {dist.TIMEOUT_S} s for the others at a collective and gave up (one "
+                          "of them hangs, or they disagree on what to exchange: a bug worth reporting)")  # fmt: skip
         if not dist.lost_peer(e):
             raise
         return PEER_STOPPED

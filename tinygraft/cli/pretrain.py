@@ -1,5 +1,6 @@
 """`tinygraft pretrain`: pre-train a GPT (causal LM) or BERT (masked LM), or continue one `--from` a checkpoint."""
 
+import dataclasses
 import json
 import sys
 
@@ -7,7 +8,7 @@ from tinygraft.cli.common import INTERRUPTED, config_args, revision_arg
 from tinygraft.cli.flags import add_settings, given
 from tinygraft.core import precision
 from tinygraft.train import methods
-from tinygraft.train.config import ContinualSettings
+from tinygraft.train.config import ContinualSettings, TrainConfig
 from tinygraft.train.pretrain import PretrainArgs, pretrain
 
 PREFIX = "method_settings."
@@ -32,6 +33,7 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=precision.PRECISIONS, help=precision.HELP)
     p.add_argument("--seed", type=int, help="seed of the model init, data order and dropout")
     p.add_argument("--keep", type=int, help="step checkpoints to keep")
+    p.add_argument("--fsdp", action="store_true", default=None, help=FSDP_HELP)
     p.add_argument(
         "--from",
         dest="from_",
@@ -54,6 +56,9 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
+FSDP_HELP = {f.name: f for f in dataclasses.fields(TrainConfig)}["fsdp"].metadata["help"]
+
+
 def run(ns) -> int:
     settings = {k[len(PREFIX) :]: v for k, v in given(ns).items() if k.startswith(PREFIX)}
     keep = {k[len(KEEP) :]: v for k, v in given(ns).items() if k.startswith(KEEP)}
@@ -71,6 +76,7 @@ def run(ns) -> int:
             precision=ns.precision,
             seed=ns.seed,
             keep=ns.keep,
+            fsdp=ns.fsdp,
             sets=ns.sets,
             from_=ns.from_,
             new_head=ns.new_head,

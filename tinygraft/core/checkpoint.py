@@ -18,6 +18,11 @@ Layout, under `RUN/checkpoints/`:
 A save writes everything into `checkpoints/.tmp-step-*`, fsyncs each file and the directory, renames it to
 `step-*`, fsyncs `checkpoints/`, then swaps the pointer (temp file, fsync, os.replace). Only safetensors and JSON
 are read back: no pickle anywhere.
+
+An FSDP run's step directory (`save(shard=True)`, trainer_state.json's "sharded") keeps its tensors as every process's
+shards under sharded/ (core/sharded.py) in place of model.safetensors and optimizer.safetensors: every process
+writes its shards into the temporary directory, rank 0 the rest and the rename, so it too is complete or absent.
+`load` assembles the whole tensors, so every reader of a checkpoint reads both kinds alike.
 """
 
 import hashlib
@@ -33,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from tinygraft.core import dist, sharded
 from tinygraft.core.jsonfile import read_json
 from tinygraft.errors import TinygraftError
 
@@ -78,13 +84,15 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 # --------------------------------------------------------------------------------------- optimizer <-> safetensors
-def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split `optimizer.state_dict()` into tensors (for safetensors) and the JSON-able rest."""
+def optimizer_to_files(state_dict: dict, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors; none when not `with_tensors`: a sharded save
+    writes them itself) and the JSON-able rest."""
     tensors, scalars = {}, {}
     for idx, per_param in state_dict["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+                if with_tensors:
+                    tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
@@ -122,33 +130,44 @@ def save(
     extra_files: dict[str, bytes | str] | None = None,
     keep: int | None = None,
     best: bool = False,
+    shard: bool = False,
 ) -> Path:
     """Write checkpoint `step` under `root` (a run's `checkpoints/`), point `latest` (and `best`) at it, prune.
 
     `optimizer` is an `optimizer.state_dict()`. `keep` keeps that many newest step directories (plus the one
-    `best` names); None keeps all. Returns the new step directory.
+    `best` names); None keeps all. Returns the new step directory. `shard`: an FSDP run's save, called by every
+    process with its own (DTensor) `model` and `optimizer`; rank 0 writes all but the shards.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    files: dict[str, bytes] = {MODEL_FILE: st_save({k: v.detach().contiguous().cpu() for k, v in model.items()})}
+    files: dict[str, bytes] = {}
+    if shard:
+        tmp = root / f".tmp-{name}-sharded"  # one name every process agrees on
+        if dist.is_main():
+            _fresh(tmp)
+        dist.barrier()
+        sharded.write(tmp, sharded.flatten(model, optimizer))
+        dist.barrier()
+        if not dist.is_main():
+            return root / name
+        written = {f: hashlib.sha256((tmp / f).read_bytes()).hexdigest() for f in sharded.files(tmp)}
+    else:
+        files[MODEL_FILE] = st_save({k: v.detach().contiguous().cpu() for k, v in model.items()})
+        tmp, written = _fresh(root / f".tmp-{name}-{os.getpid()}"), {}
     if optimizer is not None:
-        tensors, meta = optimizer_to_files(optimizer)
-        files[OPTIMIZER_TENSORS] = st_save(tensors)
+        tensors, meta = optimizer_to_files(optimizer, with_tensors=not shard)
+        if not shard:
+            files[OPTIMIZER_TENSORS] = st_save(tensors)
         files[OPTIMIZER_JSON] = json.dumps(meta, indent=1).encode()
     files[CONFIG_FILE] = json.dumps(config, indent=2).encode()
     if tokenizer_json is not None:
         files[TOKENIZER_FILE] = tokenizer_json.encode("utf-8")
     for fname, data in (extra_files or {}).items():
         files[fname] = data.encode("utf-8") if isinstance(data, str) else data
-    state = dict(trainer_state, step=step, files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+    digests = {**written, **{f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+    state = dict(trainer_state, step=step, files=digests, **({"sharded": True} if shard else {}))
     state[STATE_DIGEST] = state_digest(state)
     files[TRAINER_STATE] = json.dumps(state, indent=1).encode()
-
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
         for fname, data in files.items():  # trainer_state.json last: it names the others
             _write_synced(tmp / fname, data)
@@ -171,6 +190,14 @@ def save(
     if keep is not None:
         prune(root, keep)
     return final
+
+
+def _fresh(tmp: Path) -> Path:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
 
 
 def list_steps(root: str | Path) -> list[int]:
@@ -259,16 +286,28 @@ def _check_state(step_dir: Path, state: dict) -> None:
     files = state.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise TinygraftError(f"{where} records no sha256 of the checkpoint's files, so they cannot be checked")
-    bad = [k for k in files if Path(k).name != k or k in (".", "..")]
+    bad = [k for k in files if not _own_file(k)]
     if bad:
         raise TinygraftError(f"{where} names {bad[0]!r}, which is not a file of the checkpoint")
     _check_fields(where, state)
     if STATE_DIGEST in state and state[STATE_DIGEST] != state_digest(state):  # absent in checkpoints before it
         raise TinygraftError(f"{where} is corrupt (its fields differ from the sha256 saved with them)")
     present = sorted(p.name for p in step_dir.iterdir() if p.is_file() and p.name != TRAINER_STATE)
-    unvouched = [f for f in (MODEL_FILE, CONFIG_FILE, *present) if f not in files]
+    present += sharded.files(step_dir)
+    weights = () if state.get("sharded") else (MODEL_FILE,)
+    unvouched = [f for f in (*weights, CONFIG_FILE, *present) if f not in files]
+    if state.get("sharded") and not sharded.files(step_dir):
+        raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: its shards ({sharded.SHARDS}/) are missing")
     if unvouched:
         raise TinygraftError(f"{where} records no sha256 of {unvouched[0]}, so it cannot be checked")
+
+
+def _own_file(name: str) -> bool:
+    """A name trainer_state.json may vouch for: a file of the step directory, or a shard in its sharded/."""
+    parts = Path(name).parts
+    if len(parts) == 2 and parts[0] == sharded.SHARDS:
+        parts = parts[1:]
+    return len(parts) == 1 and parts[0] not in (".", "..") and Path(name).as_posix() == name
 
 
 @dataclass
@@ -297,12 +336,16 @@ def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -> Checkpoint:
-    """Read and verify a checkpoint (every file present and matching its recorded sha256)."""
+    """Read and verify a checkpoint (every file present and matching its recorded sha256); a sharded one's tensors
+    are assembled whole."""
     step_dir = resolve(path, which)
-    for fname in REQUIRED:
-        if not (step_dir / fname).is_file():
-            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
+    if not (step_dir / TRAINER_STATE).is_file():
+        raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {TRAINER_STATE} is missing")
     state = read_json(step_dir / TRAINER_STATE, "checkpoint file")
+    is_sharded = state.get("sharded") is True
+    for fname in REQUIRED:
+        if not (step_dir / fname).is_file() and not (is_sharded and fname == MODEL_FILE):
+            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {fname} is missing")
     _check_state(step_dir, state)
     blobs = {}
     for fname, digest in state["files"].items():
@@ -318,11 +361,24 @@ def load(path: str | Path, which: str = "latest", with_optimizer: bool = True) -
             data = fpath.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
             raise TinygraftError(f"checkpoint file {str(fpath)!r} is corrupt (its sha256 differs from the saved one)")
-    model = _read_tensors(step_dir / MODEL_FILE, blobs.get(MODEL_FILE) or (step_dir / MODEL_FILE).read_bytes())
+    if is_sharded:
+        model, tensors = _assemble(step_dir)
+    else:
+        model = _read_tensors(step_dir / MODEL_FILE, blobs.get(MODEL_FILE) or (step_dir / MODEL_FILE).read_bytes())
     optimizer = None
     if with_optimizer and (step_dir / OPTIMIZER_JSON).is_file():
-        if OPTIMIZER_TENSORS not in blobs:
-            raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {OPTIMIZER_TENSORS} is missing")
-        tensors = _read_tensors(step_dir / OPTIMIZER_TENSORS, blobs[OPTIMIZER_TENSORS])
+        if not is_sharded:
+            if OPTIMIZER_TENSORS not in blobs:
+                raise TinygraftError(f"checkpoint {str(step_dir)!r} is incomplete: {OPTIMIZER_TENSORS} is missing")
+            tensors = _read_tensors(step_dir / OPTIMIZER_TENSORS, blobs[OPTIMIZER_TENSORS])
         optimizer = optimizer_from_files(tensors, read_json(step_dir / OPTIMIZER_JSON, "checkpoint file"))
     return Checkpoint(step_dir, model, state, read_json(step_dir / CONFIG_FILE, "checkpoint file"), optimizer)
+
+
+def _assemble(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A sharded checkpoint's whole tensors: the model's, and the optimizer's as optimizer.safetensors names them."""
+    try:
+        model, state = sharded.unflatten(sharded.assemble(step_dir))
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as e:
+        raise TinygraftError(f"the shards in '{step_dir / sharded.SHARDS}' are corrupt or incomplete ({e})") from None
+    return model, {f"state.{i}.{k}": v for i, per in state.items() for k, v in per.items()}

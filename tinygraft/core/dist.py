@@ -69,7 +69,7 @@ def device_for(name: str) -> str:
 
 
 # What a collective raises when a peer has gone (it exited, crashed, or stopped answering for TIMEOUT_S).
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "aborted")
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer")
 
 
 def lost_peer(error: BaseException) -> bool:
@@ -77,10 +77,12 @@ def lost_peer(error: BaseException) -> bool:
     torchrun's report says how it died), so this one stops without a word of its own."""
     if not active():
         return False
-    dist_error = getattr(torch.distributed, "DistError", ())
-    return isinstance(error, dist_error) or (
-        isinstance(error, RuntimeError) and any(s in str(error) for s in LOST_PEER)
-    )
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in LOST_PEER)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective that waited TIMEOUT_S for the other ranks (a hung or mismatched peer)."""
+    return active() and isinstance(error, RuntimeError) and "timed out" in str(error).lower()
 
 
 def barrier() -> None:
@@ -110,17 +112,37 @@ def gather(obj) -> list:
     return out
 
 
+# Under FSDP every forward is itself a collective (it gathers each block's weights), so the ranks must run the same
+# forwards: evaluation is then not split, every rank scores every batch (train/parallel.py sets this).
+_LOCKSTEP = False
+
+
+def set_lockstep(on: bool) -> None:
+    global _LOCKSTEP
+    _LOCKSTEP = on
+
+
+def splitting() -> bool:
+    """Whether evaluation is split between the ranks (several processes, not in lockstep)."""
+    return active() and not _LOCKSTEP
+
+
 def share(n: int) -> range:
     """This rank's contiguous share of n items (evaluation batches): rank r takes [r*n//N, (r+1)*n//N), so the
     shares concatenated in rank order are the items in order, each once."""
-    w, r = (world(), rank()) if active() else (1, 0)
+    w, r = (world(), rank()) if splitting() else (1, 0)
     return range(r * n // w, (r + 1) * n // w)
 
 
 def mine(items) -> list:
-    """This rank's share of `items` (all of them in one process)."""
+    """This rank's share of `items` (all of them in one process, or in lockstep)."""
     items = list(items)
-    return [items[i] for i in share(len(items))] if active() else items
+    return [items[i] for i in share(len(items))] if splitting() else items
+
+
+def eval_sum(values: list[float]) -> list[float]:
+    """Sums over the ranks' shares of an evaluation (`mine`): the whole evaluation's sums on every rank."""
+    return all_sum(values) if splitting() else list(values)
 
 
 def split(global_batch: int, what: str = "train.batch_size") -> int:
@@ -172,8 +194,8 @@ def quiet_others() -> None:
     """Rank 0 alone prints: the others' stdout and stderr, Python's and the C++ runtime's (file descriptors 1 and
     2), go to /dev/null; their own errors still reach the terminal, through `error_stream`."""
     global _ERRORS
-    if world() <= 1 or is_main() or _ERRORS is not None:
-        return
+    if world() <= 1 or is_main() or _ERRORS is not None or os.environ.get("TINYGRAFT_QUIET_RANKS") == "0":
+        return  # (TINYGRAFT_QUIET_RANKS=0: every rank prints, to debug one that fails)
     sys.stdout.flush()
     sys.stderr.flush()
     _ERRORS = os.fdopen(os.dup(2), "w", buffering=1)

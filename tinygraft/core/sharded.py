@@ -14,11 +14,10 @@ or one process the whole (`assemble`: export, predict, a resume without FSDP). t
 sha256 of every shard like any file.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from tinygraft.core import dist
 
@@ -46,23 +45,36 @@ def unflatten(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return model, state
 
 
+def _dcp():
+    """torch.distributed.checkpoint, imported when a sharded checkpoint is read or written (it adds most of a second
+    to every start-up otherwise)."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 (see the docstring)
+
+    return dcp
+
+
 def write(step_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Every rank: its part of `tensors` (DTensors: the local shard; plain tensors: once, by one rank)."""
-    writer = HuggingFaceStorageWriter(str(step_dir / SHARDS), save_distributed=True)
+    dcp = _dcp()
+    writer = dcp.HuggingFaceStorageWriter(str(step_dir / SHARDS), save_distributed=True)
     dcp.save({k: v.detach() for k, v in tensors.items()}, storage_writer=writer, no_dist=not dist.active())
 
 
 def load(step_dir: Path, template: dict[str, torch.Tensor]) -> None:
     """Fill `template` in place from the shards, each tensor (or this rank's shard of it) where it belongs."""
-    dcp.load(template, storage_reader=HuggingFaceStorageReader(str(step_dir / SHARDS)), no_dist=not dist.active())
+    dcp = _dcp()
+    dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir / SHARDS)), no_dist=not dist.active())
 
 
 def assemble(step_dir: Path) -> dict[str, torch.Tensor]:
     """The whole tensors, in this one process."""
-    reader = HuggingFaceStorageReader(str(step_dir / SHARDS))
+    dcp = _dcp()
+    reader = dcp.HuggingFaceStorageReader(str(step_dir / SHARDS))
     meta = reader.read_metadata().state_dict_metadata
     full = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
-    dcp.load(full, storage_reader=HuggingFaceStorageReader(str(step_dir / SHARDS)), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is what this is for
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(full, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir / SHARDS)), no_dist=True)
     return full
 
 

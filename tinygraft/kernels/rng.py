@@ -133,7 +133,7 @@ class global_rows:
     both: the backward regenerates masks)."""
 
     def __init__(self, first: int, count: int):
-        self.rows = (first, count) if first else None
+        self.rows = (first, count) if count else None
 
     def __enter__(self):
         global _ROWS

@@ -92,7 +92,7 @@ class Scorer:
         self.loss_sum, self.loss_weight = 0.0, 0
 
     def gather(self) -> None:
-        if not dist.active() or self.collected is None:
+        if not dist.splitting() or self.collected is None:
             return
         names = ("loss_sum", "loss_weight", *self.collected)
         every = dist.gather({k: dist.picklable_cpu(getattr(self, k)) for k in names})

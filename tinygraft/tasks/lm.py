@@ -44,7 +44,7 @@ class CausalLM:
             for x, y in dist.mine(eval_batches(val, batch_size, seq_len, max_batches)):  # several processes: a share
                 loss = model(x.to(device), y.to(device))[1]
                 total, count = total + float(loss) * y.numel(), count + y.numel()
-            total, count = dist.all_sum([total, count])
+            total, count = dist.eval_sum([total, count])
             loss = total / count
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -80,7 +80,7 @@ class MaskedLM:
                 n = int((batch["labels"] != -100).sum())
                 if n:
                     total, count = total + float(model(**batch)[1]) * n, count + n
-            total, count = dist.all_sum([total, count])
+            total, count = dist.eval_sum([total, count])
             loss = total / max(count, 1)
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

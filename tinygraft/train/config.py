@@ -45,6 +45,11 @@ def _tensorboard_setting():
                           "pip install 'tinygraft[tensorboard]')")  # fmt: skip
 
 
+def _fsdp_setting():
+    return setting(False, "under torchrun: shard parameters, gradients and optimizer state over the processes "
+                          "(FSDP2, one shard group per block) and save sharded checkpoints; DDP otherwise")  # fmt: skip
+
+
 def _checkpointing_setting():
     """The setting both jobs' `train` sections share: one meaning, one help, one flag."""
     return setting(False, "recompute each block's activations in backward instead of keeping them: less memory, "
@@ -77,6 +82,7 @@ class TrainConfig:
     activation_checkpointing: bool = _checkpointing_setting()  # --set train.activation_checkpointing=true
     precision: Literal["auto", "fp32", "bf16"] = _precision_setting()  # --precision
     tensorboard: bool = _tensorboard_setting()  # --set train.tensorboard=true: RUN/tensorboard/ beside metrics.jsonl
+    fsdp: bool = _fsdp_setting()  # --fsdp
 
     def __post_init__(self):
         positive = ("batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "keep")
@@ -372,6 +378,7 @@ class FinetuneTrain:
     )
     activation_checkpointing: bool = _checkpointing_setting()
     tensorboard: bool = _tensorboard_setting()
+    fsdp: bool = _fsdp_setting()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "keep"):

@@ -401,6 +401,7 @@ def _finetune(args: FinetuneArgs, run_dir: RunDir) -> Outcome:
         precision=t.precision,
         activation_checkpointing=t.activation_checkpointing,
         tensorboard=t.tensorboard,
+        fsdp=t.fsdp,
     )
     metric, higher = task.metric(cfg.task_settings)
     config = {

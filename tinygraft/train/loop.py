@@ -27,6 +27,7 @@ step K and resumed draws exactly the batches, dropout masks and learning rates a
 """
 
 import contextlib
+import json
 import math
 import random
 import resource
@@ -264,7 +265,9 @@ def train(
     progress: Progress | None = None,
 ) -> Outcome:
     device = resolve_device(cfg.device)
-    par = Parallel(cfg.batch_size, job.method.varying_graph)
+    par = Parallel(cfg.batch_size, job.method.varying_graph, cfg.fsdp)
+    if par.sharding and job.aux is not None and len(list(job.aux.parameters())):
+        raise TinygraftError("--fsdp does not shard distillation's projections yet; distil with DDP (without --fsdp)")
     model = job.method.attach(job.model).to(device)
     checkpointed = cfg.activation_checkpointing
     if not set_activation_checkpointing(model, checkpointed) and checkpointed:
@@ -275,24 +278,33 @@ def train(
     for p in model.parameters():  # a parameter no group lists can never train
         if id(p) not in listed:
             p.requires_grad_(False)
+    if par.sharding:  # FSDP2 replaces the parameters by sharded ones: the groups are made again from them
+        par.shard(model, device, precision.resolve(cfg.precision, device).name == "bf16")
+        groups = job.method.param_groups(model)
     aux = job.aux.to(device) if job.aux is not None and len(list(job.aux.parameters())) else None
     if aux is not None:
         groups = [*groups, {"params": list(aux.parameters()), "name": "aux"}]
     optimizer = None  # a job of 0 steps steps nothing (torch's AdamW refuses an empty parameter list)
     if cfg.steps > 0:
         betas = (cfg.beta1, cfg.beta2)
-        optimizer = build_optimizer(param_groups(model, groups, cfg.weight_decay), cfg.optimizer, device, cfg.lr, betas,
+        choice = "torch" if par.sharding else cfg.optimizer  # torch's AdamW steps DTensors; our kernel does not
+        optimizer = build_optimizer(param_groups(model, groups, cfg.weight_decay), choice, device, cfg.lr, betas,
                                     cfg.eps)  # fmt: skip
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     best = {"metric": job.metric, "value": None, "step": None}
     if resume is not None:
-        job.method.load_state_dict(model, {k: v.to(device) for k, v in resume.model.items()})
-        if aux is not None:
-            load_aux(aux, resume.path, device)
         if resume.optimizer is None:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} holds no optimizer state, so it cannot be resumed")
         check_optimizer_state(optimizer, resume.optimizer, repr(str(resume.path)))
-        optimizer.load_state_dict(resume.optimizer)
+        if par.sharding and resume.trainer_state.get("sharded"):  # each rank reads its own part of the shards
+            par.load_sharded(job.method, model, optimizer, resume.path, optimizer_meta(resume.path))
+        elif par.sharding:
+            raise TinygraftError(f"checkpoint {str(resume.path)!r} was saved without --fsdp; resume it without it")
+        else:
+            job.method.load_state_dict(model, {k: v.to(device) for k, v in resume.model.items()})
+            optimizer.load_state_dict(resume.optimizer)
+        if aux is not None:
+            load_aux(aux, resume.path, device)
         state = resume.trainer_state
         step, tokens_seen, elapsed_before = state["step"], state.get("tokens_seen", 0), state.get("train_seconds", 0.0)
         best = state.get("best", best)
@@ -321,6 +333,7 @@ def train(
         with rng_preserved(), torch.no_grad(), autocast():
             metrics = {k: float(v) for k, v in job.evaluate(eval_model).items()}
         model.train()
+        par.reshard(model)
         return metrics
 
     saved_step = step
@@ -328,7 +341,7 @@ def train(
     def save(is_best: bool) -> None:
         nonlocal saved_step
         saved_step = step
-        if not run.writer:  # rank 0 writes; the others hold the same state (core/dist.py)
+        if not run.writer and not par.sharding:  # rank 0 writes; the others hold the same state (core/dist.py)
             return
         state = {
             "tokens_seen": tokens_seen,
@@ -350,6 +363,7 @@ def train(
             extra_files={**job.method.extra_files(model), **aux_files(aux)},
             keep=cfg.keep,
             best=is_best,
+            shard=par.sharding,  # every rank writes its shards
         )
 
     model.train()
@@ -408,7 +422,7 @@ def train(
                     par.average(aux.parameters())
                 trainable = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)) if trainable else 0.0
+                grad_norm = par.clip(trainable, max_norm) if trainable else 0.0
                 check_finite("gradient norm", grad_norm, step + 1, run)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -502,6 +516,11 @@ def train(
         plot_metrics(rows, run.path / PLOT, job.metric)
     dist.barrier()
     return Outcome(status, step, results)
+
+
+def optimizer_meta(step_dir: Path) -> dict:
+    """optimizer.json of a checkpoint (checkpoint.load has checked its sha256): param groups and scalar state."""
+    return json.loads((step_dir / checkpoint.OPTIMIZER_JSON).read_text(encoding="utf-8"))
 
 
 def check_finite(what: str, value: float, step: int, run: RunDir) -> None:

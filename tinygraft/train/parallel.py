@@ -17,6 +17,12 @@ after the same step.
 A penalty the same on every rank (EWC, a method's own) is weighted too, and comes out once: sum_r weight_r = N.
 A loss that is not a mean over rows or targets (in-batch negatives: each row's negatives are its rank's rows) is
 what its rank's slice gives, not the one-process value.
+
+`--fsdp` (FSDP2) shards instead of replicating: `fully_shard` on every block of every GPT / BERT in the model, then
+on the rest, before the optimizer is built (it holds the sharded parameters); bf16 parameters with fp32 gradient
+reduction on CUDA under bf16, fp32 on the CPU. The step is the same; the gradient sync is FSDP's reduce-scatter
+(`set_requires_gradient_sync` in place of `no_sync`), the norm to clip by is gathered from the shards, and
+checkpoints are sharded (core/sharded.py): every rank saves and loads its own part.
 """
 
 import contextlib
@@ -27,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tinygraft.core import dist
+from tinygraft.core import checkpoint, dist, sharded
 from tinygraft.kernels import rng
 
 # Buffers (positions, masks) are constants, the same on every rank: no broadcast before each forward (torch 2.13
@@ -46,7 +52,7 @@ def count_rows(batch) -> int:
 class Parallel:
     """The step's data parallelism: a no-op object in one process."""
 
-    def __init__(self, global_batch: int, varying: bool = False):
+    def __init__(self, global_batch: int, varying: bool = False, fsdp: bool = False):
         self.n = dist.world() if dist.active() else 1
         self.on = self.n > 1
         self.rank = dist.rank() if self.on else 0
@@ -54,6 +60,8 @@ class Parallel:
         self._ddp: nn.Module | None = None
         self._trainable: tuple = ()
         self.varying = varying  # the parameters a step uses vary from batch to batch
+        self.sharding = self.on and fsdp  # FSDP2: the model's parameters are DTensors, each rank holds a shard
+        dist.set_lockstep(self.sharding)
 
     # ------------------------------------------------------------------------------------------ the micro-batch
     def take(self, batch, count) -> tuple:
@@ -79,7 +87,7 @@ class Parallel:
         never reads): `probe()`, the first micro-batch's loss through `model` (its RNG draws undone), is run back
         once to see, and its gradients dropped. Where the set can change from batch to batch (mixed-adapter
         batches) DDP looks every step."""
-        if not self.on:
+        if not self.on or self.sharding:
             return model
         trainable = tuple(id(p) for p in model.parameters() if p.requires_grad)
         if self._ddp is not None and trainable == self._trainable:
@@ -103,7 +111,9 @@ class Parallel:
 
     def sync(self, step_model: nn.Module, last: bool):
         """DDP all-reduces the gradients on the last micro-step of a step only."""
-        if self.on and not last and hasattr(step_model, "no_sync"):
+        if self.sharding:
+            step_model.set_requires_gradient_sync(last)
+        elif self.on and not last and hasattr(step_model, "no_sync"):
             return step_model.no_sync()
         return contextlib.nullcontext()
 
@@ -120,6 +130,62 @@ class Parallel:
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+    # ---------------------------------------------------------------------------------------------------- FSDP2
+    def shard(self, model: nn.Module, device: torch.device, bf16: bool) -> None:
+        """fully_shard each block of every tinygraft GPT / BERT inside `model` (their ModuleLists), then the model."""
+        if not self.sharding:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415 (FSDP runs only)
+
+        policy = MixedPrecisionPolicy()
+        if bf16 and device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        owners = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+        lists = {id(m): m for o in owners for m in o.modules() if isinstance(m, nn.ModuleList)}
+        for blocks in lists.values():
+            for block in blocks:
+                fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+
+    def reshard(self, model: nn.Module) -> None:
+        """Put every FSDP group back in its sharded form. A forward without a backward (evaluation) leaves the root
+        group gathered, its modules holding plain tensors that a later all-gather reuses: a checkpoint must read
+        the shards, not those (reading them crashed DCP's writer)."""
+        if not self.sharding:
+            return
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 (FSDP runs only)
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    @staticmethod
+    def clip(params: list, max_norm: float) -> float:
+        """clip_grad_norm_ over `params`, sharded (DTensor) gradients among them: the norm of the whole."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def load_sharded(self, method, model: nn.Module, optimizer, step_dir, meta: dict) -> None:
+        """Resume an FSDP run from a sharded checkpoint, each rank reading the part its own sharding asks for
+        (whatever the number of processes that wrote it). The optimizer's state is made first (a step of lr 0 on
+        zero gradients), so that there is something of the right shape to read into."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        flat = sharded.flatten(method.state_dict(model), optimizer.state_dict())
+        sharded.load(step_dir, flat)
+        weights, state = sharded.unflatten(flat)
+        method.load_state_dict(model, weights)
+        tensors = {f"state.{i}.{k}": v for i, per in state.items() for k, v in per.items()}
+        optimizer.load_state_dict(checkpoint.optimizer_from_files(tensors, meta))
 
     # ------------------------------------------------------------------------------------------- agreement
     def agree(self, loss: float, tokens: int, stop: bool) -> tuple[float, int, bool]:

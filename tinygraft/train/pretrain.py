@@ -72,6 +72,7 @@ class PretrainArgs:
     precision: str | None = None  # --precision: auto, fp32 or bf16 (core/precision.py)
     seed: int | None = None
     keep: int | None = None
+    fsdp: bool | None = None  # --fsdp: FSDP2 under torchrun
     sets: list[str] | None = None
     from_: str | None = None  # --from: a Hugging Face directory, 'minilm', or a tinygraft run or checkpoint
     new_head: bool = False  # --new-head: give a BERT source without a masked-LM head a fresh one
@@ -229,6 +230,7 @@ def _pretrain(args: PretrainArgs, run_dir: RunDir) -> Outcome:
     flags = {"preset": args.preset, "data.corpus": runs.record_path(args.data, run_dir.path) if args.data else None,
              "train.steps": args.steps, "train.device": args.device,
              "train.precision": args.precision, "train.seed": args.seed, "train.keep": args.keep,
+             "train.fsdp": args.fsdp,
              "method": args.method}  # fmt: skip
     flags = {k: v for k, v in flags.items() if v is not None}
     flags.update({f"method_settings.{k}": v for k, v in args.method_settings.items() if v is not None})

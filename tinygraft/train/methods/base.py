@@ -140,7 +140,8 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), t.shape, t.stride())
+        local = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 DTensor: its own data_ptr() is always 0
+        key = (local.data_ptr(), t.shape, local.stride())
         if key in first:
             aliases[name] = first[key]
         else:
