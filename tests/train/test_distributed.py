@@ -4,7 +4,8 @@ Each launch costs seconds (two Python processes importing torch), so a few launc
   - pretrain, 2 processes, dropout on, 2 micro-steps a step, --stop-at: the weights and optimizer state equal the
     one-process run's at the same step (1e-5), the sharded evaluations equal its evaluations, and the checkpoint
     resumes in one process to the straight run's next loss and final weights;
-  - finetune LoRA (dropout on) of a tiny BERT: the adapter checkpoint equals the one-process one;
+  - finetune LoRA (dropout on) of a tiny BERT: the adapter checkpoint equals the one-process one; a task
+    distillation (its teacher's outputs cached per example) likewise;
   - the same two under FSDP2 (--fsdp): sharded checkpoints whose assembled tensors equal the one-process ones, an
     export of the sharded step, and a resume on one process;
   - a bad input on rank 1 only, and a NaN every rank meets: both stop within 60 s, with one sentence;
@@ -157,6 +158,20 @@ def test_fsdp_lora_checkpoint_holds_every_rank_part_of_the_adapter(tmp_path, tin
     assert got.trainer_state["sharded"] and got.model.keys() == ref.model.keys()  # the adapter and the head only
     for k, v in ref.model.items():  # accelerate#4206 saved (N-1)/N of each tensor missing under FSDP2
         torch.testing.assert_close(got.model[k], v, atol=ATOL, rtol=0, msg=k)
+
+
+def test_ddp_distillation_with_the_teacher_cache_equals_one_process(tmp_path, tiny_task, capsys):
+    base, data = tiny_task
+    task = ["--train", data["train"], "--val", data["val"], "--batch-size", 8, "--max-length", 32, "--device", "cpu",
+            "--precision", "fp32"]  # fmt: skip
+    one_process(["finetune", "--from", base, *task, "--steps", 3, "--out", tmp_path / "teacher"])
+    args = ["distill", "--teacher", tmp_path / "teacher", "--student-from-teacher", "0,2", *task, "--steps", 4,
+            "--eval-every", 2]  # fmt: skip
+    one_process([*args, "--out", tmp_path / "one"])
+    done = torchrun([*args, "--out", tmp_path / "two"])  # each rank reads its rows' teacher outputs from the cache
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert_same_tensors(step_dir(tmp_path / "one", 4) / name, step_dir(tmp_path / "two", 4) / name)
 
 
 def test_a_bad_input_on_rank_1_only_stops_both_with_one_sentence(tmp_path, tiny_task):

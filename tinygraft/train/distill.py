@@ -175,13 +175,14 @@ class Distiller:
 
     @staticmethod
     def _output_layer(model: nn.Module) -> nn.Module:
-        core = getattr(getattr(model, "_orig_mod", model), "backbone", getattr(model, "_orig_mod", model))
+        model = D.unwrap(model)
+        core = getattr(model, "backbone", model)
         return core.get_output_embeddings()
 
     @staticmethod
     def _head_weight(model: nn.Module) -> torch.Tensor:
         """The output layer's weight, with a masked LM's separate bias as one more column (inputs get a 1)."""
-        model = getattr(model, "_orig_mod", model)
+        model = D.unwrap(model)
         w = Distiller._output_layer(model).weight
         if isinstance(model, BERTForMaskedLM):
             w = torch.cat([w, model.cls.predictions.bias[:, None].to(w.dtype)], dim=1)
@@ -189,7 +190,7 @@ class Distiller:
 
     @staticmethod
     def _with_one(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        if isinstance(getattr(model, "_orig_mod", model), BERTForMaskedLM):
+        if isinstance(D.unwrap(model), BERTForMaskedLM):
             return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
         return h
 
@@ -249,7 +250,7 @@ class Distiller:
             return kd_loss(*student, *teacher, labels, self.T, s.divergence, s.jsd_beta)
         if self.cache is not None:
             out_t = self._cached(batch)
-        head = getattr(model, "_orig_mod", model).head
+        head = D.unwrap(model).head
         return D.output_loss(head, out_s, out_t, batch, self.T, s.divergence, s.jsd_beta,
                              self._project if "project" in self.aux else None)  # fmt: skip
 

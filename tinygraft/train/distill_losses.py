@@ -25,9 +25,17 @@ from tinygraft.models.bert import BERT, BERTForMaskedLM
 from tinygraft.models.gpt import GPT
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DDP's wrappers (several processes: train/parallel.py)."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model.module, "_orig_mod", model.module)
+    return model
+
+
 def core_of(model: nn.Module) -> nn.Module:
     """The GPT or BERT inside a model (a TaskModel's backbone, a masked LM's encoder, torch.compile's wrapper)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     model = getattr(model, "backbone", model)
     model = model.bert if isinstance(model, BERTForMaskedLM) else model
     if not isinstance(model, (GPT, BERT)):
