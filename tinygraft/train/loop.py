@@ -27,7 +27,6 @@ step K and resumed draws exactly the batches, dropout masks and learning rates a
 """
 
 import contextlib
-import json
 import math
 import random
 import resource
@@ -297,7 +296,7 @@ def train(
             raise TinygraftError(f"checkpoint {str(resume.path)!r} holds no optimizer state, so it cannot be resumed")
         check_optimizer_state(optimizer, resume.optimizer, repr(str(resume.path)))
         if par.sharding and resume.trainer_state.get("sharded"):  # each rank reads its own part of the shards
-            par.load_sharded(job.method, model, optimizer, resume.path, optimizer_meta(resume.path))
+            par.load_sharded(job.method, model, optimizer, resume.path, resume.optimizer)
         elif par.sharding:
             raise TinygraftError(f"checkpoint {str(resume.path)!r} was saved without --fsdp; resume it without it")
         else:
@@ -516,11 +515,6 @@ def train(
         plot_metrics(rows, run.path / PLOT, job.metric)
     dist.barrier()
     return Outcome(status, step, results)
-
-
-def optimizer_meta(step_dir: Path) -> dict:
-    """optimizer.json of a checkpoint (checkpoint.load has checked its sha256): param groups and scalar state."""
-    return json.loads((step_dir / checkpoint.OPTIMIZER_JSON).read_text(encoding="utf-8"))
 
 
 def check_finite(what: str, value: float, step: int, run: RunDir) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tinygraft.core import checkpoint, dist, sharded
+from tinygraft.core import dist, sharded
 from tinygraft.kernels import rng
 
 # Buffers (positions, masks) are constants, the same on every rank: no broadcast before each forward (torch 2.13
@@ -166,26 +166,24 @@ class Parallel:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def load_sharded(self, method, model: nn.Module, optimizer, step_dir, meta: dict) -> None:
+    def load_sharded(self, method, model: nn.Module, optimizer, step_dir, saved: dict) -> None:
         """Resume an FSDP run from a sharded checkpoint, each rank reading the part its own sharding asks for
-        (whatever the number of processes that wrote it). The optimizer's state is made first (a step of lr 0 on
-        zero gradients), so that there is something of the right shape to read into."""
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        for p in params:
-            p.grad = torch.zeros_like(p)
+        (whatever the number of processes that wrote it); `saved` is the checkpoint's optimizer state as
+        checkpoint.load read it, whose param groups and scalars it keeps. The optimizer's state is made first (a
+        step of lr 0 on zero gradients: the saved groups' rates replace the 0), so that there is something of the
+        right shape to read into."""
         for g in optimizer.param_groups:
             g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for g, lr in zip(optimizer.param_groups, lrs):
-            g["lr"] = lr
         flat = sharded.flatten(method.state_dict(model), optimizer.state_dict())
         sharded.load(step_dir, flat)
         weights, state = sharded.unflatten(flat)
         method.load_state_dict(model, weights)
-        tensors = {f"state.{i}.{k}": v for i, per in state.items() for k, v in per.items()}
-        optimizer.load_state_dict(checkpoint.optimizer_from_files(tensors, meta))
+        merged = {i: {**saved["state"].get(i, {}), **per} for i, per in state.items()}
+        optimizer.load_state_dict({"state": merged, "param_groups": saved["param_groups"]})
 
     # ------------------------------------------------------------------------------------------- agreement
     def agree(self, loss: float, tokens: int, stop: bool) -> tuple[float, int, bool]:
